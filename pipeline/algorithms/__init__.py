@@ -1,0 +1,6 @@
+"""Federated methods, one file each, registered by name (`algorithm.name`)."""
+from pipeline.algorithms import fedavg, smoe  # noqa: F401  (registration)
+from pipeline.algorithms.base import (STRATEGIES, ClientPlan, ClientUpdate, ModelInfo, Strategy,
+                                      build_strategy)
+
+__all__ = ["STRATEGIES", "ClientPlan", "ClientUpdate", "ModelInfo", "Strategy", "build_strategy"]

@@ -1,0 +1,147 @@
+"""The Strategy API: what a federated method computes, apart from how it is run.
+
+A strategy sees adapters (flat `dict[str, Tensor]`), tier settings and counts; never MPI,
+torch.distributed or DeepSpeed. Aggregation is map-reduce: `contribution(update)` maps one
+client update to tensors that are summed over clients (by the runner, or by one collective
+across client groups), then `finalize(sums)` makes the new global state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from pipeline.config import Tier
+from pipeline.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a strategy may know about the model."""
+
+    num_layers: int
+    num_experts: int
+    k_max: int
+    lora_rank: int  # r_max
+    lora_alpha: float
+
+
+@dataclass
+class ClientPlan:
+    """What the server sends one client for one round."""
+
+    client_id: int
+    round: int
+    tier: Tier
+    top_k: int  # experts per token this client computes
+    lora_rank: int  # active LoRA rank
+    adapters: dict[str, Tensor]  # the start point of local training
+    seed: int  # derived from (seed, round, client): data order and any local randomness
+    extras: dict[str, Any] = field(default_factory=dict)  # method state (modulation, versions)
+
+
+@dataclass
+class ClientUpdate:
+    """What one client returns after local training."""
+
+    client_id: int
+    round: int
+    tier: Tier
+    top_k: int
+    lora_rank: int
+    adapters: dict[str, Tensor]
+    n_samples: int
+    expert_token_counts: Tensor  # [num_layers, num_experts] routed tokens during local training
+    tokens: int  # tokens seen during local training (per layer)
+    metrics: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Strategy:
+    """Base class; subclasses implement `contribution` and `finalize` at least."""
+
+    name = "base"
+    option_defaults: dict[str, Any] = {}
+
+    def __init__(self, options: dict, model: ModelInfo, tiers: list[Tier]):
+        unknown = sorted(set(options) - set(self.option_defaults))
+        if unknown:
+            raise ConfigError(f"algorithm.options.{unknown[0]}: unknown option for {self.name} "
+                              f"(allowed: {', '.join(sorted(self.option_defaults)) or 'none'})")
+        self.options = {**self.option_defaults, **options}
+        self.model = model
+        self.tiers = tiers
+        self.global_adapters: dict[str, Tensor] = {}
+
+    # --- server state -------------------------------------------------------------------
+    def init_state(self, initial_adapters: dict[str, Tensor]) -> None:
+        self.global_adapters = {k: v.detach().clone() for k, v in initial_adapters.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"tensors": flat dict for safetensors, "meta": JSON-able}; no pickled code."""
+        return {"tensors": {f"adapters/{k}": v for k, v in self.global_adapters.items()}, "meta": {}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        prefix = "adapters/"
+        self.global_adapters = {k[len(prefix):]: v.clone() for k, v in state["tensors"].items()
+                                if k.startswith(prefix)}
+
+    # --- per client ---------------------------------------------------------------------
+    def plan(self, client_id: int, round_: int, tier: Tier, seed: int) -> ClientPlan:
+        return ClientPlan(client_id, round_, tier, top_k=tier.top_k, lora_rank=self.model.lora_rank,
+                          adapters=self.global_adapters, seed=seed)
+
+    def extra_loss(self, model: torch.nn.Module, plan: ClientPlan) -> Tensor | None:
+        """Added to the task loss on every local step (e.g. a range penalty)."""
+        return None
+
+    def after_backward(self, model: torch.nn.Module, plan: ClientPlan) -> None:
+        """Called between backward and the optimizer step (e.g. pseudo-gradients)."""
+
+    # --- aggregation --------------------------------------------------------------------
+    def contribution(self, update: ClientUpdate) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def finalize(self, sums: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    # --- evaluation ---------------------------------------------------------------------
+    def eval_setting(self, tier: Tier) -> tuple[int, int]:
+        """(top_k, lora_rank) at which the global model is evaluated for `tier`."""
+        return tier.top_k, self.model.lora_rank
+
+    def eval_adapters(self) -> dict[str, Tensor]:
+        return self.global_adapters
+
+
+def weighted_sum_contribution(update: ClientUpdate, weight: float) -> dict[str, Tensor]:
+    """`weight * adapter` for every tensor plus the weight itself: the FedAvg numerator and denominator.
+
+    Summed in float64 so that the order of summation (one process vs a collective) barely matters.
+    """
+    out = {f"sum/{k}": v.double() * weight for k, v in update.adapters.items()}
+    out["weight"] = torch.tensor([float(weight)], dtype=torch.float64)
+    return out
+
+
+def weighted_average(sums: dict[str, Tensor], like: dict[str, Tensor]) -> dict[str, Tensor]:
+    total = sums["weight"].item()
+    if total <= 0:
+        raise ValueError("no client weight to average over")
+    return {k: (sums[f"sum/{k}"] / total).to(v.dtype) for k, v in like.items()}
+
+
+STRATEGIES: dict[str, Callable[..., Strategy]] = {}
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def build_strategy(name: str, options: dict, model: ModelInfo, tiers: list[Tier]) -> Strategy:
+    if name not in STRATEGIES:
+        raise ConfigError(f"algorithm.name: unknown method {name!r} (available: {', '.join(sorted(STRATEGIES))})")
+    return STRATEGIES[name](options, model, tiers)
