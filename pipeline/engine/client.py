@@ -1,0 +1,154 @@
+"""The client trainer: one DeepSpeed engine per client group, reused for every virtual client.
+
+Per client only the adapters, the optimizer state and the active top-k / rank change; the
+model and the engine are built once. Under ZeRO 1/2 (and bf16) DeepSpeed keeps fp32 master
+copies of the trainable tensors, so adapters are written with `safe_set_full_fp32_param` as
+well as into `p.data`, and read back with `safe_get_full_fp32_param` (NOTES-stack.md).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from pipeline.config import DeepSpeedConfig, TrainConfig
+from pipeline.model import (adapter_parameters, expert_token_counts, reset_expert_token_counts,
+                            set_lora_rank, set_top_k)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                     master_addr: str = "127.0.0.1", master_port: int | None = None,
+                     backend: str | None = None) -> None:
+    """Start this process's torch.distributed world (one per client group) for DeepSpeed."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank),
+                      MASTER_ADDR=master_addr, MASTER_PORT=str(master_port or free_port()))
+    os.environ.pop("OMPI_COMM_WORLD_LOCAL_RANK", None)  # Open MPI's would contradict our ranks
+    # The shared-memory comm op costs a 30 s compile on first use and is only a CPU speed-up.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+
+
+def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: int) -> dict:
+    config = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": train.batch_size * world_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": train.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW: identical to the reference loop
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.config:
+        with open(ds.config) as fh:
+            config.update(json.load(fh))
+    return config
+
+
+def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO, bf16), whose state we reset."""
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+@dataclass
+class LocalResult:
+    adapters: dict[str, Tensor]
+    expert_token_counts: Tensor  # [layers, experts]
+    losses: list[float]
+    seconds: float
+
+
+class ClientEngine:
+    """Trains the adapters of one model through a DeepSpeed engine, one client at a time."""
+
+    def __init__(self, model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig,
+                 world_size: int = 1):
+        import deepspeed
+
+        self.train_cfg = train
+        self.params = adapter_parameters(model)
+        optimizer = torch.optim.AdamW(list(self.params.values()), lr=train.lr,
+                                      weight_decay=train.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(train, ds, world_size),
+            dist_init_required=False)
+        self.zero_stage = ds.zero_stage
+        self.keeps_master_copy = ds.zero_stage > 0 or train.precision == "bf16"
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def load_adapters(self, adapters: dict[str, Tensor]) -> None:
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        with torch.no_grad():
+            for name, p in self.params.items():
+                value = adapters[name]
+                p.data.copy_(value.to(p.dtype))
+                if self.keeps_master_copy:
+                    safe_set_full_fp32_param(p, value.float())
+
+    def read_adapters(self) -> dict[str, Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, p in self.params.items():
+            full = safe_get_full_fp32_param(p) if self.keeps_master_copy else None
+            out[name] = (full if full is not None else p.data).detach().float().cpu().clone()
+        return out
+
+    def reset_optimizer(self) -> None:
+        # torch AdamW creates its moments lazily on the first step after the state is cleared.
+        _torch_optimizer(self.engine.optimizer).state.clear()
+
+    def train(self, adapters: dict[str, Tensor], top_k: int, lora_rank: int,
+              batches: Iterable[dict[str, Tensor]],
+              extra_loss: Callable[[torch.nn.Module], Tensor | None] | None = None,
+              after_backward: Callable[[torch.nn.Module], None] | None = None,
+              on_step: Callable[[int, float], None] | None = None) -> LocalResult:
+        """Local training of one client from `adapters`; returns the trained adapters and counts."""
+        start = time.perf_counter()
+        self.load_adapters(adapters)
+        self.reset_optimizer()
+        set_top_k(self.model, top_k)
+        set_lora_rank(self.model, lora_rank)
+        reset_expert_token_counts(self.model)
+        self.engine.train()
+        losses = []
+        device = self.engine.device
+        for step, batch in enumerate(batches):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = self.engine(**batch).loss
+            extra = extra_loss(self.model) if extra_loss else None
+            total = loss + extra if extra is not None else loss
+            self.engine.backward(total)
+            if after_backward:
+                after_backward(self.model)
+            self.engine.step()
+            losses.append(loss.item())
+            if on_step:
+                on_step(step + 1, losses[-1])
+        return LocalResult(self.read_adapters(), expert_token_counts(self.model).clone(), losses,
+                           time.perf_counter() - start)

@@ -1,0 +1,294 @@
+"""The synchronous federated run: sample, train each client, aggregate, evaluate, checkpoint.
+
+One process here; the same round loop runs per client group under MPI (federation/topology).
+Rounds are numbered from 1; round 0 is the base model's evaluation and the first checkpoint.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import save_file
+
+from pipeline import checkpoint
+from pipeline.algorithms import ClientUpdate, ModelInfo, Strategy, build_strategy
+from pipeline.config import Config, Tier, dump_config, load_config, resolve_tiers
+from pipeline.engine.client import ClientEngine, init_distributed
+from pipeline.errors import UserError
+from pipeline.eval.metrics import MetricsLogger, round_table
+from pipeline.eval.report import write_report
+from pipeline.eval.scoring import evaluate_choices
+from pipeline.federation.inputs import FederatedData, load_federated_data, load_patched_model
+from pipeline.federation.sampling import (ADAPTER_INIT, LOCAL_DATA, assign_tiers, derive_seed,
+                                          local_batches, sample_clients)
+from pipeline.model import init_adapter_state, save_merged, set_lora_rank, set_top_k
+
+console = Console()
+
+
+class RoundFailed(RuntimeError):
+    """Too few clients reported; the run stays resumable from its last checkpoint."""
+
+
+@dataclass
+class Federation:
+    """Everything a run holds between rounds."""
+
+    cfg: Config
+    run_dir: Path
+    tiers: list[Tier]
+    client_tiers: list[Tier]
+    data: FederatedData
+    tokenizer: object
+    engine: ClientEngine
+    strategy: Strategy
+    metrics: MetricsLogger
+
+
+def build(cfg: Config, run_dir: Path, resume_offset: int | None) -> Federation:
+    model, tokenizer = load_patched_model(cfg.model)
+    torch.manual_seed(cfg.seed)  # nothing should draw from it; pinned anyway
+    mcfg = model.config
+    tiers = resolve_tiers(cfg, mcfg.num_experts, mcfg.num_experts_per_tok)
+    info = ModelInfo(mcfg.num_hidden_layers, mcfg.num_experts, mcfg.num_experts_per_tok,
+                     cfg.model.lora.rank, cfg.model.lora.alpha)
+    strategy = build_strategy(cfg.algorithm.name, cfg.algorithm.options, info, tiers)
+    data = load_federated_data(cfg, tokenizer)
+    init_distributed()
+    engine = ClientEngine(model, cfg.train, cfg.deepspeed)
+    strategy.init_state(init_adapter_state(engine.model, derive_seed(cfg.seed, ADAPTER_INIT)))
+    metrics = MetricsLogger(run_dir, resume_offset=resume_offset, tensorboard=cfg.logging.tensorboard)
+    return Federation(cfg, run_dir, tiers, assign_tiers(cfg.federation.clients, tiers, cfg.seed),
+                      data, tokenizer, engine, strategy, metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# One round
+
+
+def train_client(fed: Federation, client: int, round_: int, progress: Progress | None) -> ClientUpdate:
+    cfg, strategy = fed.cfg, fed.strategy
+    seed = derive_seed(cfg.seed, LOCAL_DATA, round_, client)
+    plan = strategy.plan(client, round_, fed.client_tiers[client], seed)
+    indices = fed.data.client_indices[client]
+    batches = (fed.data.train_batch(b) for b in
+               local_batches(indices, cfg.train.local_steps, cfg.train.batch_size, seed))
+    task = None
+    if progress is not None:
+        task = progress.add_task(f"  client {client} ({plan.tier.name}, k={plan.top_k})",
+                                 total=cfg.train.local_steps)
+    result = fed.engine.train(
+        plan.adapters, plan.top_k, plan.lora_rank, batches,
+        extra_loss=lambda m: strategy.extra_loss(m, plan),
+        after_backward=lambda m: strategy.after_backward(m, plan),
+        on_step=(lambda s, loss: progress.update(task, completed=s)) if task is not None else None)
+    if task is not None:
+        progress.remove_task(task)
+    counts = result.expert_token_counts
+    tokens = int(round(counts[0].sum().item() / max(plan.top_k, 1)))
+    return ClientUpdate(client, round_, plan.tier, plan.top_k, plan.lora_rank, result.adapters,
+                        n_samples=len(indices), expert_token_counts=counts, tokens=tokens,
+                        metrics={"train_loss": sum(result.losses) / len(result.losses),
+                                 "final_loss": result.losses[-1], "seconds": result.seconds,
+                                 "steps": len(result.losses)})
+
+
+def check_update(update: ClientUpdate, expected: dict[str, torch.Tensor]) -> str | None:
+    """Why an update must be rejected (wrong keys/shapes, non-finite values), else None."""
+    if set(update.adapters) != set(expected):
+        missing = sorted(set(expected) ^ set(update.adapters))
+        return f"adapter keys differ from the plan's: {missing[:3]}"
+    for name, ref in expected.items():
+        value = update.adapters[name]
+        if value.shape != ref.shape:
+            return f"{name}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
+        if not torch.isfinite(value).all():
+            return f"{name}: non-finite values"
+    return None
+
+
+def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
+    cfg, strategy = fed.cfg, fed.strategy
+    start = time.perf_counter()
+    clients = sample_clients(cfg.federation.clients, cfg.federation.clients_per_round, cfg.seed, round_)
+    expected = {k: v for k, v in strategy.global_adapters.items()}
+    sums: dict[str, torch.Tensor] = {}
+    load: dict[str, torch.Tensor] = {}
+    accepted = []
+    for client in clients:
+        try:
+            update = train_client(fed, client, round_, progress)
+        except (RuntimeError, ValueError, FloatingPointError) as exc:  # one bad client must not end the round
+            fed.metrics.log("reject", round=round_, client=client, reason=f"client raised: {exc}")
+            continue
+        reason = check_update(update, expected)
+        if reason:
+            fed.metrics.log("reject", round=round_, client=client, reason=reason)
+            continue
+        accepted.append(client)
+        for key, value in strategy.contribution(update).items():
+            sums[key] = sums[key] + value if key in sums else value.clone()
+        tier = update.tier.name
+        load[tier] = load.get(tier, 0) + update.expert_token_counts
+        fed.metrics.log("client", round=round_, client=client, tier=tier, top_k=update.top_k,
+                        lora_rank=update.lora_rank, n_samples=update.n_samples, **update.metrics)
+    if len(accepted) < cfg.federation.min_clients:
+        raise RoundFailed(f"round {round_}: {len(accepted)} of {len(clients)} clients reported, "
+                          f"federation.min_clients={cfg.federation.min_clients}")
+    strategy.finalize(sums)
+    fed.metrics.log("round", round=round_, seconds=time.perf_counter() - start, clients=accepted,
+                    expert_load={t: v.tolist() for t, v in load.items()})
+    return load
+
+
+def evaluate(fed: Federation, round_: int) -> list[dict]:
+    """The global model at each tier's setting, on the held-out suite."""
+    model = fed.engine.model
+    fed.engine.load_adapters(fed.strategy.eval_adapters())
+    rows = []
+    for tier in fed.tiers:
+        top_k, rank = fed.strategy.eval_setting(tier)
+        set_top_k(model, top_k)
+        set_lora_rank(model, rank)
+        scores = evaluate_choices(model, fed.tokenizer, fed.data.eval_examples, fed.cfg.eval.batch_size)
+        row = {"round": round_, "tier": tier.name, "top_k": top_k, "lora_rank": rank,
+               "accuracy": scores["accuracy"], "loss": scores["loss"],
+               "per_family": scores["per_family"], "chance": fed.data.chance}
+        fed.metrics.log("eval", **row)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def save_round(fed: Federation, round_: int) -> None:
+    state = fed.strategy.state_dict()
+    checkpoint.save_checkpoint(fed.run_dir, round_, state["tensors"],
+                               {"strategy": state["meta"], "metrics_offset": fed.metrics.offset(),
+                                "algorithm": fed.cfg.algorithm.name},
+                               keep=fed.cfg.checkpoint.keep)
+
+
+def write_final(fed: Federation) -> Path:
+    final = fed.run_dir / "final"
+    tmp = fed.run_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    adapters = fed.strategy.eval_adapters()
+    save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / "adapter.safetensors"))
+    if fed.cfg.checkpoint.save_merged:
+        fed.engine.load_adapters(adapters)
+        set_top_k(fed.engine.model, fed.engine.model.config.num_experts_per_tok)
+        set_lora_rank(fed.engine.model, fed.cfg.model.lora.rank)
+        save_merged(fed.engine.model, tmp / "model", tokenizer=fed.tokenizer)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def _progress(enabled: bool) -> Progress | None:
+    if not enabled:
+        return None
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | None,
+            state: dict | None) -> Path:
+    """Run rounds start_round..rounds; `state` is a loaded checkpoint (None for a fresh run)."""
+    fed = build(cfg, run_dir, resume_offset)
+    if state is not None:
+        fed.strategy.load_state_dict(state)
+    fed.metrics.log("run", status="resumed" if state else "started", round=start_round)
+    progress = _progress(cfg.logging.progress)
+    previous: dict[str, float] = {}
+    if state is None:
+        rows = evaluate(fed, 0)
+        _print_table(rows, previous, fed.data.chance, 0, cfg.logging.progress)
+        save_round(fed, 0)
+        start_round = 1
+    rounds = cfg.federation.rounds
+    with progress or _nullcontext():
+        task = progress.add_task("rounds", total=rounds, completed=start_round - 1) if progress else None
+        for round_ in range(start_round, rounds + 1):
+            run_round(fed, round_, progress)
+            if round_ % cfg.eval.every == 0 or round_ == rounds:
+                rows = evaluate(fed, round_)
+                _print_table(rows, previous, fed.data.chance, round_, cfg.logging.progress)
+            if round_ % cfg.checkpoint.every == 0 or round_ == rounds:
+                save_round(fed, round_)
+            if progress:
+                progress.update(task, completed=round_)
+    final = write_final(fed)
+    fed.metrics.log("run", status="finished", round=rounds)
+    fed.metrics.close()
+    report = write_report(run_dir)
+    console.print(f"[bold]done[/]: adapters in {final}/adapter.safetensors, report in {report}")
+    return final
+
+
+def _print_table(rows: list[dict], previous: dict[str, float], chance: float, round_: int,
+                 enabled: bool) -> None:
+    if enabled:
+        table = round_table(rows, previous or None, chance)
+        table.title = f"round {round_}" if round_ else "base model (round 0)"
+        console.print(table)
+    previous.update({r["tier"]: r["accuracy"] for r in rows})
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points used by the CLI
+
+
+def start_run(cfg: Config, out: Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
+        if not (out / "config.yaml").is_file():
+            raise UserError(f"{out}: not a fedmoe run directory; refusing to overwrite it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    return execute(cfg, out, start_round=0, resume_offset=None, state=None)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "metrics.jsonl").exists()
+
+
+def resume_run(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not is_run_dir(run_dir):
+        raise UserError(f"{run_dir}: not a fedmoe run (no config.yaml and metrics.jsonl)")
+    cfg = load_config(run_dir / "config.yaml")
+    latest = checkpoint.latest_checkpoint(run_dir)
+    if latest is None:  # killed before the base checkpoint: start over in place
+        return execute(cfg, run_dir, start_round=0, resume_offset=0, state=None)
+    tensors, meta = checkpoint.load_checkpoint(latest)
+    if meta.get("algorithm") != cfg.algorithm.name:
+        raise UserError(f"{latest}: checkpoint of {meta.get('algorithm')!r}, config says {cfg.algorithm.name!r}")
+    done = meta["round"]
+    if done >= cfg.federation.rounds and (run_dir / "final" / "adapter.safetensors").is_file():
+        console.print(f"{run_dir}: already finished ({done} rounds)")
+        return run_dir / "final"
+    state = {"tensors": tensors, "meta": meta["strategy"]}
+    return execute(cfg, run_dir, start_round=done + 1, resume_offset=meta["metrics_offset"], state=state)
