@@ -5,7 +5,6 @@ Rounds are numbered from 1; round 0 is the base model's evaluation and the first
 """
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from pipeline import checkpoint
 from pipeline.algorithms import ClientUpdate, ModelInfo, Strategy, build_strategy
@@ -27,7 +26,8 @@ from pipeline.eval.scoring import evaluate_choices
 from pipeline.federation.inputs import FederatedData, load_federated_data, load_patched_model
 from pipeline.federation.sampling import (ADAPTER_INIT, LOCAL_DATA, assign_tiers, derive_seed,
                                           local_batches, sample_clients)
-from pipeline.model import init_adapter_state, save_merged, set_lora_rank, set_top_k
+from pipeline.model import (init_adapter_state, load_adapter_state, save_merged, set_lora_rank,
+                            set_top_k)
 
 console = Console()
 
@@ -51,7 +51,8 @@ class Federation:
     metrics: MetricsLogger
 
 
-def build(cfg: Config, run_dir: Path, resume_offset: int | None) -> Federation:
+def setup(cfg: Config):
+    """Model, tokenizer, tiers, strategy (with its initial state) and data: all a run reads."""
     model, tokenizer = load_patched_model(cfg.model)
     torch.manual_seed(cfg.seed)  # nothing should draw from it; pinned anyway
     mcfg = model.config
@@ -59,10 +60,15 @@ def build(cfg: Config, run_dir: Path, resume_offset: int | None) -> Federation:
     info = ModelInfo(mcfg.num_hidden_layers, mcfg.num_experts, mcfg.num_experts_per_tok,
                      cfg.model.lora.rank, cfg.model.lora.alpha)
     strategy = build_strategy(cfg.algorithm.name, cfg.algorithm.options, info, tiers)
+    strategy.init_state(init_adapter_state(model, derive_seed(cfg.seed, ADAPTER_INIT)))
     data = load_federated_data(cfg, tokenizer)
+    return model, tokenizer, tiers, strategy, data
+
+
+def build(cfg: Config, run_dir: Path, resume_offset: int | None) -> Federation:
+    model, tokenizer, tiers, strategy, data = setup(cfg)
     init_distributed()
     engine = ClientEngine(model, cfg.train, cfg.deepspeed)
-    strategy.init_state(init_adapter_state(engine.model, derive_seed(cfg.seed, ADAPTER_INIT)))
     metrics = MetricsLogger(run_dir, resume_offset=resume_offset, tensorboard=cfg.logging.tensorboard)
     return Federation(cfg, run_dir, tiers, assign_tiers(cfg.federation.clients, tiers, cfg.seed),
                       data, tokenizer, engine, strategy, metrics)
@@ -147,21 +153,26 @@ def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
     return load
 
 
-def evaluate(fed: Federation, round_: int) -> list[dict]:
-    """The global model at each tier's setting, on the held-out suite."""
-    model = fed.engine.model
-    fed.engine.load_adapters(fed.strategy.eval_adapters())
+def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: FederatedData,
+                   batch_size: int, round_: int) -> list[dict]:
+    """The model (adapters already loaded) at each tier's setting, on the held-out suite."""
     rows = []
-    for tier in fed.tiers:
-        top_k, rank = fed.strategy.eval_setting(tier)
+    for tier in tiers:
+        top_k, rank = strategy.eval_setting(tier)
         set_top_k(model, top_k)
         set_lora_rank(model, rank)
-        scores = evaluate_choices(model, fed.tokenizer, fed.data.eval_examples, fed.cfg.eval.batch_size)
-        row = {"round": round_, "tier": tier.name, "top_k": top_k, "lora_rank": rank,
-               "accuracy": scores["accuracy"], "loss": scores["loss"],
-               "per_family": scores["per_family"], "chance": fed.data.chance}
+        scores = evaluate_choices(model, data.tokenizer, data.eval_examples, batch_size)
+        rows.append({"round": round_, "tier": tier.name, "top_k": top_k, "lora_rank": rank,
+                     "accuracy": scores["accuracy"], "loss": scores["loss"],
+                     "per_family": scores["per_family"], "chance": data.chance})
+    return rows
+
+
+def evaluate(fed: Federation, round_: int) -> list[dict]:
+    fed.engine.load_adapters(fed.strategy.eval_adapters())
+    rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data, fed.cfg.eval.batch_size, round_)
+    for row in rows:
         fed.metrics.log("eval", **row)
-        rows.append(row)
     return rows
 
 
@@ -273,13 +284,17 @@ def is_run_dir(path: Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "metrics.jsonl").exists()
 
 
-def resume_run(run_dir: Path) -> Path:
-    run_dir = Path(run_dir)
+def _run_config(run_dir: Path) -> Config:
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
     if not is_run_dir(run_dir):
         raise UserError(f"{run_dir}: not a fedmoe run (no config.yaml and metrics.jsonl)")
-    cfg = load_config(run_dir / "config.yaml")
+    return load_config(run_dir / "config.yaml")
+
+
+def resume_run(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    cfg = _run_config(run_dir)
     latest = checkpoint.latest_checkpoint(run_dir)
     if latest is None:  # killed before the base checkpoint: start over in place
         return execute(cfg, run_dir, start_round=0, resume_offset=0, state=None)
@@ -292,3 +307,29 @@ def resume_run(run_dir: Path) -> Path:
         return run_dir / "final"
     state = {"tensors": tensors, "meta": meta["strategy"]}
     return execute(cfg, run_dir, start_round=done + 1, resume_offset=meta["metrics_offset"], state=state)
+
+
+def evaluate_run(run_dir: Path, checkpoint_path: Path | None = None) -> list[dict]:
+    """`fedmoe eval`: the final adapters (else the latest checkpoint) at every tier; prints a table."""
+    run_dir = Path(run_dir)
+    cfg = _run_config(run_dir)
+    model, tokenizer, tiers, strategy, data = setup(cfg)
+    final = run_dir / "final" / "adapter.safetensors"
+    if checkpoint_path is None and final.is_file():
+        source, adapters = final, load_file(str(final))
+    else:
+        source = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
+        if source is None or not Path(source).is_dir():
+            raise UserError(f"{run_dir}: no final adapters and no checkpoint to evaluate")
+        tensors, meta = checkpoint.load_checkpoint(Path(source))
+        strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
+        adapters = strategy.eval_adapters()
+    try:
+        load_adapter_state(model, adapters)
+    except ValueError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    rows = evaluate_tiers(model, strategy, tiers, data, cfg.eval.batch_size, round_=-1)
+    table = round_table(rows, None, data.chance)
+    table.title = f"evaluation of {source}"
+    console.print(table)
+    return rows

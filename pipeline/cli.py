@@ -1,0 +1,114 @@
+"""`fedmoe` command line: parse, validate, hand over to the runner. No training logic here."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from pipeline.errors import UserError
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (DeepSpeed INFO lines, transformers notices) would bury the progress view."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    import deepspeed  # noqa: F401  (its logger exists once imported)
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmoe", description=(
+        "Resource-adaptive federated fine-tuning of Mixture-of-Experts models."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start a federated run")
+    run.add_argument("--config", default=None, help="YAML experiment (default: configs/default.yaml)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config field, e.g. --set federation.rounds=4 (repeatable)")
+    run.add_argument("--out", default=None, help="run directory (default: runs/<algorithm>-seed<seed>)")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+
+    resume = sub.add_parser("resume", help="continue a killed run from its latest checkpoint")
+    resume.add_argument("run_dir")
+
+    ev = sub.add_parser("eval", help="evaluate a run's final adapters (or its latest checkpoint)")
+    ev.add_argument("run_dir")
+    ev.add_argument("--checkpoint", default=None, help="a checkpoint directory instead of final/")
+
+    report = sub.add_parser("report", help="rewrite RUN/report.md and RUN/plots/ from metrics.jsonl")
+    report.add_argument("run_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except UserError as exc:
+        print(f"fedmoe: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedmoe: interrupted; `fedmoe resume RUN_DIR` continues from the last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    if args.command == "run":
+        cfg = load_config(args.config, args.overrides)
+        out = Path(args.out) if args.out else Path("runs") / f"{cfg.algorithm.name}-seed{cfg.seed}"
+        _quiet_libraries()
+        from pipeline.federation.runner import RoundFailed, start_run
+
+        try:
+            start_run(cfg, out, args.overwrite)
+        except RoundFailed as exc:
+            print(f"fedmoe: {exc}; resume with `fedmoe resume {out}`", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "resume":
+        _quiet_libraries()
+        from pipeline.federation.runner import RoundFailed, resume_run
+
+        try:
+            resume_run(Path(args.run_dir))
+        except RoundFailed as exc:
+            print(f"fedmoe: {exc}; resume again with `fedmoe resume {args.run_dir}`", file=sys.stderr)
+            return 1
+        return 0
+    if args.command == "eval":
+        _quiet_libraries()
+        from pipeline.federation.runner import evaluate_run
+
+        evaluate_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None)
+        return 0
+    if args.command == "report":
+        from pipeline.eval.report import write_report
+        from pipeline.federation.runner import is_run_dir
+
+        run_dir = Path(args.run_dir)
+        if not is_run_dir(run_dir):
+            raise UserError(f"{run_dir}: not a fedmoe run (no config.yaml and metrics.jsonl)")
+        print(write_report(run_dir))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
