@@ -1,0 +1,70 @@
+import pytest
+
+from pipeline.config import DEFAULT_CONFIG, apply_override, config_from_dict, load_config, resolve_tiers
+from pipeline.errors import ConfigError
+
+
+def test_default_config_loads_with_four_tiers():
+    cfg = load_config(DEFAULT_CONFIG)
+    tiers = resolve_tiers(cfg, num_experts=32, k_max=8)
+    assert [t.top_k for t in tiers] == [2, 4, 6, 8]
+    assert [t.lora_rank for t in tiers] == [2, 4, 6, 8]
+    assert cfg.seed == 0 and cfg.federation.rounds >= 1
+
+
+def test_overrides_types_and_list_items():
+    cfg = load_config(None, ["train.lr=1e-3", "federation.rounds=3", "tiers.0.top_k=3",
+                             "algorithm.options={a: 1}", "logging.progress=false"])
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.federation.rounds == 3
+    assert cfg.tiers[0].top_k == 3
+    assert cfg.algorithm.options == {"a": 1}
+    assert cfg.logging.progress is False
+
+
+@pytest.mark.parametrize("override, field", [
+    (["federation.rounds=-1"], "federation.rounds"),
+    (["train.nope=1"], "train.nope"),
+    (["nope=1"], "nope"),
+    (["train.lr=fast"], "train.lr"),
+    (["federation.rounds=2.5"], "federation.rounds"),
+    (["tiers.0.budget=1.5"], "tiers.0.budget"),
+    (["tiers.7.top_k=1"], "--set tiers.7"),
+    (["federation.clients_per_round=99"], "federation.clients_per_round"),
+    (["logging.progress=3"], "logging.progress"),
+    (["train.precision=fp8"], "train.precision"),
+])
+def test_bad_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, override)
+    assert str(info.value).startswith(field)
+
+
+def test_top_k_above_expert_count_is_refused():
+    cfg = load_config(None, ["tiers.3.top_k=64"])
+    with pytest.raises(ConfigError, match=r"tiers\.3\.top_k: 64 exceeds the model's 32 experts"):
+        resolve_tiers(cfg, num_experts=32, k_max=8)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: [1, 2\n")
+    with pytest.raises(ConfigError, match="malformed YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("3\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(scalar)
+
+
+def test_section_must_be_mapping():
+    with pytest.raises(ConfigError, match="^train: expected a mapping"):
+        config_from_dict({"train": 3, "tiers": [{"name": "a"}]})
+
+
+def test_override_syntax():
+    raw = {}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_override(raw, "train.lr")
