@@ -1,0 +1,82 @@
+"""Routing-side rules of UB-SMoE and the loss-free balancing baseline, on plain tensors.
+
+Kept apart from the strategies so each rule is tested against a hand computation
+(ALGORITHMS.md section 3; tags there say which parts are the paper's and which are ours).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def utilisation(counts: Tensor, tokens: Tensor, weights: Tensor) -> Tensor:
+    """u_i = sum_c w_c a_{c,i} / n_c per layer: counts [C, L, M], tokens [C] (or [C, L]), weights [C]."""
+    tokens = tokens.double()
+    if tokens.dim() == 1:
+        tokens = tokens[:, None]
+    per_client = counts.double() / tokens.clamp_min(1)[..., None]
+    return (weights.double()[:, None, None] * per_client).sum(0) / weights.double().sum()
+
+
+def target_utilisation(top_ks: Tensor, weights: Tensor, num_experts: int) -> float:
+    """u* = K_bar / M with K_bar = sum_c w_c K_c (weights normalised)."""
+    w = weights.double() / weights.double().sum()
+    return float((w * top_ks.double()).sum() / num_experts)
+
+
+def phi_raw(u: Tensor, u_star: float, eps: float = 1e-6) -> Tensor:
+    """tanh(u*/u - 1): overused experts get a negative shift, underused ones a positive shift."""
+    return torch.tanh(u_star / (u + eps) - 1.0)
+
+
+def momentum_phi(phi_clients_mean: Tensor, raw: Tensor, zeta: float) -> Tensor:
+    """phi = zeta * mean_c(phi_c) + (1 - zeta) * phi_raw."""
+    return zeta * phi_clients_mean + (1.0 - zeta) * raw
+
+
+def range_penalty(phi: Tensor, low: float, high: float, lam: float) -> Tensor:
+    """lambda * (||relu(low - phi)||^2 + ||relu(phi - high)||^2)."""
+    return lam * (torch.relu(low - phi).pow(2).sum() + torch.relu(phi - high).pow(2).sum())
+
+
+def rho(top_k: int, num_experts: int, kind: str = "sparsity") -> float:
+    """Client sparsity factor: 1 - K_c/M (default) or M/K_c; grows as K_c shrinks."""
+    if kind == "sparsity":
+        return 1.0 - top_k / num_experts
+    if kind == "inverse":
+        return num_experts / top_k
+    raise ValueError(f"rho: unknown kind {kind!r}")
+
+
+def pseudo_gradients(grads: Tensor, indices: Tensor, probs: Tensor, rho_c: float,
+                     scope: str = "inactive") -> Tensor:
+    """Pseudo-gradients for one layer's expert LoRA tensor.
+
+    grads [M, ...] true gradients of the M experts' copies of one LoRA tensor; indices [N, k]
+    the experts each token used; probs [N, M] the (modulated) routing softmax. Returns the
+    tensor to add to `grads`:
+        w_j   = sum over tokens routed to j of p_j(x)
+        G_bar = sum_j w_j grad_j / sum_j w_j
+        pi_i  = mean over tokens of p_i(x) * 1[i not in A(x)]
+        add_i = rho_c * pi_i * G_bar
+    With scope "inactive" (default) only experts that no token used receive it.
+    """
+    n_tokens, num_experts = probs.shape
+    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, indices, True)
+    w = (probs * chosen).sum(0)  # [M]
+    if w.sum() <= 0:
+        return torch.zeros_like(grads)
+    flat = grads.reshape(num_experts, -1)
+    g_bar = (w[:, None].to(flat.dtype) * flat).sum(0) / w.sum().to(flat.dtype)
+    pi = (probs * ~chosen).sum(0) / n_tokens  # [M]
+    if scope == "inactive":
+        pi = pi * (chosen.sum(0) == 0)
+    elif scope != "all":
+        raise ValueError(f"pg scope: unknown {scope!r}")
+    add = rho_c * pi[:, None].to(flat.dtype) * g_bar[None, :]
+    return add.reshape(grads.shape)
+
+
+def loss_free_bias_update(bias: Tensor, load: Tensor, rate: float) -> Tensor:
+    """DeepSeek-style loss-free balancing: b_i += u * sign(mean_load - load_i), per layer."""
+    return bias + rate * torch.sign(load.mean(-1, keepdim=True) - load)
