@@ -1,0 +1,173 @@
+"""Commonsense-15K / -170K in the LLM-Adapters layout, as multiple-choice `Example`s.
+
+A record looks like
+    {"instruction": "Please choose the correct solution to the question: ...\\n\\n
+                     Solution1: ...\\n\\nSolution2: ...\\n\\nAnswer format: solution1/solution2",
+     "input": "", "output": "the correct answer is solution1", "answer": "solution1"}
+
+The example's prompt is the LLM-Adapters Alpaca template followed by "the correct answer
+is", its options are the record's label set ("solution1", "solution2"), so option
+log-likelihood scoring and answer-only training both look at exactly the label token(s) the
+papers' generate-and-extract evaluation parses.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from .tasks import Example
+
+__all__ = ["load_commonsense", "record_to_example", "label_family"]
+
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ANSWER_LEAD = "the correct answer is"
+
+# Label kind -> (family, default label set when the instruction does not list it).
+_NUMBERED = {
+    "solution": ("piqa", 2),
+    "ending": ("hellaswag", 4),
+    "option": ("winogrande", 2),
+    "answer": (None, None),  # SIQA (3 answers) or ARC-e / ARC-c / OBQA (4-5): see label_family
+}
+_LABEL_RE = re.compile(r"^(solution|ending|option|answer)([1-9])$")
+_FORMAT_RE = re.compile(r"answer format:\s*([A-Za-z0-9/ ]+?)\s*\.?\s*$", re.IGNORECASE | re.MULTILINE)
+
+
+def _kind(label: str) -> str | None:
+    if label in ("true", "false"):
+        return "truefalse"
+    m = _LABEL_RE.match(label)
+    return m.group(1) if m else None
+
+
+def _label_set(instruction: str, answer: str) -> tuple[str, ...]:
+    """The record's options: its "Answer format: a/b/c" line, else the kind's usual set."""
+    kind = _kind(answer)
+    m = _FORMAT_RE.search(instruction)
+    if m:
+        labels = tuple(x.strip().lower() for x in m.group(1).split("/") if x.strip())
+        if labels and all(_kind(x) == kind for x in labels):
+            return labels
+    if kind == "truefalse":
+        return ("true", "false")
+    _, n = _NUMBERED[kind]
+    if n is None:  # answerN: count the "AnswerK:" markers the question lists
+        n = len(set(re.findall(r"answer(\d):", instruction, flags=re.IGNORECASE))) or 4
+    n = max(n, int(answer[-1]))
+    return tuple(f"{kind}{i}" for i in range(1, n + 1))
+
+
+def label_family(answer: str, n_options: int) -> str:
+    """Task family from the label kind: true/false -> boolq, solutionN -> piqa, ...
+
+    `answerN` labels are shared by SIQA (3 answers) and ARC-e/ARC-c/OBQA (4-5 answers,
+    indistinguishable from the record alone), hence "siqa" or "arc_obqa".
+    """
+    kind = _kind(answer)
+    if kind == "truefalse":
+        return "boolq"
+    if kind == "answer":
+        return "siqa" if n_options == 3 else "arc_obqa"
+    if kind is None:
+        raise ValueError(f"unknown answer label {answer!r}")
+    return _NUMBERED[kind][0]
+
+
+def record_to_example(record: dict, where: str) -> Example:
+    """One LLM-Adapters record -> Example; `where` ("file, record i") goes into errors."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    instruction, answer = record.get("instruction"), record.get("answer")
+    extra = record.get("input") or ""
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f"{where}: field 'instruction' is missing or empty")
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError(f"{where}: field 'answer' is missing or empty")
+    if not isinstance(extra, str):
+        raise ValueError(f"{where}: field 'input' must be a string")
+    answer = answer.strip().lower()
+    if _kind(answer) is None:
+        raise ValueError(
+            f"{where}: answer {answer!r} is not a known label (true/false, solutionN, answerN, endingN, optionN)"
+        )
+    options = _label_set(instruction, answer)
+    if answer not in options:
+        raise ValueError(f"{where}: answer {answer!r} is not among the listed labels {'/'.join(options)}")
+    template = PROMPT_WITH_INPUT if extra.strip() else PROMPT_NO_INPUT
+    prompt = template.format(instruction=instruction, input=extra) + ANSWER_LEAD
+    return Example(prompt, options, options.index(answer), label_family(answer, len(options)))
+
+
+def _looks_like_file(spec: str) -> bool:
+    return spec.endswith((".json", ".jsonl")) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+
+
+def _load_local(path: Path, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
+        return ds.to_list()
+    except Exception as err:  # noqa: BLE001 - re-raised below with the file and record named
+        _locate_bad_record(path)
+        raise ValueError(f"{path}: cannot be read as LLM-Adapters JSON records ({type(err).__name__}: {err})") from err
+
+
+def _locate_bad_record(path: Path) -> None:
+    """After `datasets` refused a file, find what is wrong with plain `json` and say where."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        data = json.loads(text)
+        records = data if isinstance(data, list) else [data]
+    except json.JSONDecodeError as whole_err:
+        records = []  # maybe JSON lines
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                err = whole_err if lineno == 1 else None
+                msg = f"line {err.lineno}, column {err.colno}: {err.msg}" if err else f"line {lineno}"
+                raise ValueError(f"{path}: invalid JSON at {msg} (record {len(records)})") from whole_err
+    for i, rec in enumerate(records):
+        record_to_example(rec, f"{path}, record {i}")
+        for field in ("instruction", "input", "output", "answer"):
+            if field in rec and rec[field] is not None and not isinstance(rec[field], str):
+                raise ValueError(f"{path}, record {i}: field {field!r} must be a string")
+
+
+def load_commonsense(path_or_hub_id: str | Path, split: str = "train") -> list[Example]:
+    """Load LLM-Adapters commonsense records (local JSON/JSONL file or a hub dataset id).
+
+    Missing local file -> FileNotFoundError naming the path; a malformed record ->
+    ValueError naming the file and the record's index.
+    """
+    spec = str(path_or_hub_id)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            import datasets
+
+            records, source = datasets.load_dataset(str(path), split=split).to_list(), str(path)
+        else:
+            records, source = _load_local(path, split), str(path)
+    elif isinstance(path_or_hub_id, Path) or _looks_like_file(spec):
+        raise FileNotFoundError(f"commonsense data file not found: {path}")
+    else:
+        import datasets
+
+        records, source = datasets.load_dataset(spec, split=split).to_list(), spec
+    if not records:
+        raise ValueError(f"{source}: no records")
+    return [record_to_example(rec, f"{source}, record {i}") for i, rec in enumerate(records)]
