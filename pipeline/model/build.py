@@ -1,0 +1,77 @@
+"""Load or build an OLMoE model and patch it with our MoE block and LoRA."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import OlmoeConfig, OlmoeForCausalLM
+from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+
+from pipeline.model.adapters import is_adapter_name
+from pipeline.model.lora import LoRALinear
+from pipeline.model.moe_block import HeteroMoEBlock
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def load_model(source: str, dtype: torch.dtype = torch.float32) -> OlmoeForCausalLM:
+    """A Hugging Face OLMoE checkpoint from a local directory or a hub id."""
+    return OlmoeForCausalLM.from_pretrained(str(source), dtype=dtype)
+
+
+def _as_config(config: dict | OlmoeConfig) -> OlmoeConfig:
+    if isinstance(config, OlmoeConfig):
+        return config
+    config = dict(config)
+    # The default eos id (50279) lies outside small test vocabularies and makes transformers warn.
+    if "eos_token_id" not in config and config.get("vocab_size", 50304) <= 50279:
+        config["eos_token_id"] = None
+    return OlmoeConfig(**config)
+
+
+def build_model(config: dict | OlmoeConfig, seed: int) -> OlmoeForCausalLM:
+    """A randomly initialised OLMoE, deterministic in `seed`; the global RNG is left untouched.
+
+    The routers get N(0, 0.02) weights from their own generator: some transformers versions
+    init them to zeros, which makes every top-k a tie.
+    """
+    config = _as_config(config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = OlmoeForCausalLM(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            w = layer.mlp.gate.weight
+            w.copy_(torch.randn(w.shape, generator=gen) * 0.02)
+    return model.eval()
+
+
+def patch_olmoe(model: OlmoeForCausalLM, lora_rank: int = 8, lora_alpha: float = 16.0,
+                expert_lora: bool = True, attention_lora: bool = True,
+                attention_modules: Sequence[str] = ATTENTION_MODULES) -> OlmoeForCausalLM:
+    """In place: every `OlmoeSparseMoeBlock` becomes a `HeteroMoEBlock` on the same weights, the
+    chosen attention projections become `LoRALinear`; base weights are frozen, adapters trainable.
+    """
+    if lora_rank < 1 and (expert_lora or attention_lora):
+        raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
+    layers = model.model.layers
+    if not all(isinstance(layer.mlp, OlmoeSparseMoeBlock) for layer in layers):
+        raise ValueError("model is already patched (or is not an OLMoE model)")
+    unknown = [m for m in attention_modules if not isinstance(getattr(layers[0].self_attn, m, None), nn.Linear)]
+    if attention_lora and unknown:
+        raise ValueError(f"attention_modules: no nn.Linear named {unknown[0]!r} in self_attn")
+
+    model.requires_grad_(False)
+    for layer in layers:
+        layer.mlp = HeteroMoEBlock(layer.mlp, lora_rank=lora_rank, lora_alpha=lora_alpha,
+                                   expert_lora=expert_lora)
+        if attention_lora:
+            for name in attention_modules:
+                base = getattr(layer.self_attn, name)
+                setattr(layer.self_attn, name, LoRALinear(base, rank=lora_rank, alpha=lora_alpha))
+    # Fresh modules start trainable; only the adapters must be.
+    for name, p in model.named_parameters():
+        p.requires_grad_(is_adapter_name(name))
+    return model
