@@ -112,8 +112,17 @@ class Strategy:
         """(top_k, lora_rank) at which the global model is evaluated for `tier`."""
         return tier.top_k, self.model.lora_rank
 
-    def eval_adapters(self) -> dict[str, Tensor]:
+    def eval_adapters(self, tier: Tier | None = None) -> dict[str, Tensor]:
+        """The global adapters as a client of `tier` would start from (None: full rank)."""
         return self.global_adapters
+
+    def base_delta(self) -> dict[str, Tensor]:
+        """Dense updates merged into the frozen base, keyed by LoRA pair (see `lora_pairs`).
+
+        Empty for methods that keep everything in the adapters; FLoRA, FedEx-LoRA and the
+        merge-into-backbone family put their merged updates here.
+        """
+        return {}
 
 
 def weighted_sum_contribution(update: ClientUpdate, weight: float) -> dict[str, Tensor]:
