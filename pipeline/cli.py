@@ -45,9 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue a killed run from its latest checkpoint")
     resume.add_argument("run_dir")
 
-    ev = sub.add_parser("eval", help="evaluate a run's final adapters (or its latest checkpoint)")
+    ev = sub.add_parser("eval", help="evaluate a run's latest checkpoint (its final state once finished)")
     ev.add_argument("run_dir")
-    ev.add_argument("--checkpoint", default=None, help="a checkpoint directory instead of final/")
+    ev.add_argument("--checkpoint", default=None, help="a checkpoint directory instead of checkpoints/latest")
 
     report = sub.add_parser("report", help="rewrite RUN/report.md and RUN/plots/ from metrics.jsonl")
     report.add_argument("run_dir")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline import checkpoint
 from pipeline.algorithms import ClientUpdate, ModelInfo, Strategy, build_strategy
@@ -26,8 +26,8 @@ from pipeline.eval.scoring import evaluate_choices
 from pipeline.federation.inputs import FederatedData, load_federated_data, load_patched_model
 from pipeline.federation.sampling import (ADAPTER_INIT, LOCAL_DATA, assign_tiers, derive_seed,
                                           local_batches, sample_clients)
-from pipeline.model import (init_adapter_state, load_adapter_state, save_merged, set_lora_rank,
-                            set_top_k)
+from pipeline.model import (init_adapter_state, load_adapter_state, save_merged, set_base_delta,
+                            set_lora_rank, set_top_k)
 
 console = Console()
 
@@ -123,17 +123,18 @@ def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
     cfg, strategy = fed.cfg, fed.strategy
     start = time.perf_counter()
     clients = sample_clients(cfg.federation.clients, cfg.federation.clients_per_round, cfg.seed, round_)
-    expected = {k: v for k, v in strategy.global_adapters.items()}
+    set_base_delta(fed.engine.model, strategy.base_delta())
     sums: dict[str, torch.Tensor] = {}
     load: dict[str, torch.Tensor] = {}
     accepted = []
+    plan_shapes = strategy.global_adapters  # updates must match the global adapters' keys and shapes
     for client in clients:
         try:
             update = train_client(fed, client, round_, progress)
         except (RuntimeError, ValueError, FloatingPointError) as exc:  # one bad client must not end the round
             fed.metrics.log("reject", round=round_, client=client, reason=f"client raised: {exc}")
             continue
-        reason = check_update(update, expected)
+        reason = check_update(update, plan_shapes)
         if reason:
             fed.metrics.log("reject", round=round_, client=client, reason=reason)
             continue
@@ -154,11 +155,13 @@ def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
 
 
 def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: FederatedData,
-                   batch_size: int, round_: int) -> list[dict]:
-    """The model (adapters already loaded) at each tier's setting, on the held-out suite."""
+                   batch_size: int, round_: int, load_adapters) -> list[dict]:
+    """The global model at each tier's setting (its top-k, rank and adapters) on the held-out suite."""
+    set_base_delta(model, strategy.base_delta())
     rows = []
     for tier in tiers:
         top_k, rank = strategy.eval_setting(tier)
+        load_adapters(strategy.eval_adapters(tier))
         set_top_k(model, top_k)
         set_lora_rank(model, rank)
         scores = evaluate_choices(model, data.tokenizer, data.eval_examples, batch_size)
@@ -169,8 +172,8 @@ def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: Federated
 
 
 def evaluate(fed: Federation, round_: int) -> list[dict]:
-    fed.engine.load_adapters(fed.strategy.eval_adapters())
-    rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data, fed.cfg.eval.batch_size, round_)
+    rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data, fed.cfg.eval.batch_size,
+                          round_, fed.engine.load_adapters)
     for row in rows:
         fed.metrics.log("eval", **row)
     return rows
@@ -189,17 +192,23 @@ def save_round(fed: Federation, round_: int) -> None:
 
 
 def write_final(fed: Federation) -> Path:
+    """final/adapter.safetensors (+ base_delta.safetensors for merging methods), final/model/."""
     final = fed.run_dir / "final"
     tmp = fed.run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    adapters = fed.strategy.eval_adapters()
+    adapters = fed.strategy.eval_adapters(None)
     save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / "adapter.safetensors"))
+    delta = fed.strategy.base_delta()
+    if delta:
+        save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp / "base_delta.safetensors"))
     if fed.cfg.checkpoint.save_merged:
+        model = fed.engine.model
         fed.engine.load_adapters(adapters)
-        set_top_k(fed.engine.model, fed.engine.model.config.num_experts_per_tok)
-        set_lora_rank(fed.engine.model, fed.cfg.model.lora.rank)
-        save_merged(fed.engine.model, tmp / "model", tokenizer=fed.tokenizer)
+        set_base_delta(model, delta)
+        set_top_k(model, model.config.num_experts_per_tok)
+        set_lora_rank(model, fed.cfg.model.lora.rank)
+        save_merged(model, tmp / "model", tokenizer=fed.tokenizer)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
@@ -310,25 +319,23 @@ def resume_run(run_dir: Path) -> Path:
 
 
 def evaluate_run(run_dir: Path, checkpoint_path: Path | None = None) -> list[dict]:
-    """`fedmoe eval`: the final adapters (else the latest checkpoint) at every tier; prints a table."""
+    """`fedmoe eval`: the latest checkpoint (the final state once a run finished), every tier."""
     run_dir = Path(run_dir)
     cfg = _run_config(run_dir)
     model, tokenizer, tiers, strategy, data = setup(cfg)
-    final = run_dir / "final" / "adapter.safetensors"
-    if checkpoint_path is None and final.is_file():
-        source, adapters = final, load_file(str(final))
-    else:
-        source = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
-        if source is None or not Path(source).is_dir():
-            raise UserError(f"{run_dir}: no final adapters and no checkpoint to evaluate")
-        tensors, meta = checkpoint.load_checkpoint(Path(source))
-        strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
-        adapters = strategy.eval_adapters()
-    try:
-        load_adapter_state(model, adapters)
-    except ValueError as exc:
-        raise UserError(f"{source}: {exc}") from None
-    rows = evaluate_tiers(model, strategy, tiers, data, cfg.eval.batch_size, round_=-1)
+    source = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
+    if source is None or not Path(source).is_dir():
+        raise UserError(f"{run_dir}: no checkpoint to evaluate")
+    tensors, meta = checkpoint.load_checkpoint(Path(source))
+    strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
+
+    def load(adapters):
+        try:
+            load_adapter_state(model, adapters)
+        except ValueError as exc:
+            raise UserError(f"{source}: {exc}") from None
+
+    rows = evaluate_tiers(model, strategy, tiers, data, cfg.eval.batch_size, meta["round"], load)
     table = round_table(rows, None, data.chance)
     table.title = f"evaluation of {source}"
     console.print(table)

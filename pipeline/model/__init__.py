@@ -3,6 +3,7 @@ from pipeline.model.adapters import (adapter_parameters, adapter_state, expert_t
                                      init_adapter_state, is_adapter_name, is_expert_adapter,
                                      load_adapter_state, reset_expert_token_counts, set_lora_rank,
                                      set_top_k)
+from pipeline.model.base_delta import lora_base_weights, set_base_delta
 from pipeline.model.build import build_model, load_model, patch_olmoe
 from pipeline.model.export import export_peft_attention, merge_adapters, save_merged
 from pipeline.model.flops import flops_per_token
@@ -14,5 +15,5 @@ __all__ = [
     "adapter_parameters", "adapter_state", "load_adapter_state", "init_adapter_state",
     "is_adapter_name", "is_expert_adapter", "expert_token_counts", "reset_expert_token_counts",
     "merge_adapters", "save_merged", "export_peft_attention", "HeteroMoEBlock", "LoRALinear",
-    "Routing", "flops_per_token",
+    "Routing", "flops_per_token", "lora_base_weights", "set_base_delta",
 ]

@@ -1,0 +1,88 @@
+"""Shared machinery of the heterogeneous-rank LoRA baselines (ALGORITHMS.md section 4).
+
+These methods spend a tier's budget on LoRA rank, not on experts: every client runs the full
+top-k at its tier's rank r_c. The global LoRA is kept at r_max with the scale folded into B
+(`B_scaled = s * B`), so clients of different ranks meet on s_c B_c A_c. Methods that merge
+updates into the frozen base keep the merged sum in `self.delta` (see `Strategy.base_delta`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from pipeline.algorithms import lora_math as lm
+from pipeline.algorithms.base import ClientPlan, ClientUpdate, Strategy
+from pipeline.config import Tier
+
+
+class HeteroRankStrategy(Strategy):
+    def init_state(self, initial_adapters: dict[str, Tensor]) -> None:
+        super().init_state(initial_adapters)
+        self.pairs = lm.lora_pairs(initial_adapters)
+        if len(self.pairs) * 2 != len(initial_adapters):
+            raise ValueError(f"{self.name}: every adapter tensor must belong to a LoRA pair")
+        s_max = lm.scale(self.model.lora_alpha, self.model.lora_rank)
+        for _, _, b in self.pairs:  # stored scaled: s_max * B
+            self.global_adapters[b] = self.global_adapters[b] * s_max
+        self.delta: dict[str, Tensor] = {}
+
+    # --- state ----------------------------------------------------------------------------
+    def state_dict(self):
+        state = super().state_dict()
+        state["tensors"].update({f"delta/{k}": v for k, v in self.delta.items()})
+        return state
+
+    def load_state_dict(self, state) -> None:
+        super().load_state_dict(state)
+        self.pairs = lm.lora_pairs(self.global_adapters)
+        self.delta = {k[len("delta/"):]: v.clone() for k, v in state["tensors"].items()
+                      if k.startswith("delta/")}
+
+    def base_delta(self) -> dict[str, Tensor]:
+        return self.delta
+
+    def add_delta(self, key: str, value: Tensor) -> None:
+        self.delta[key] = self.delta[key] + value if key in self.delta else value.clone()
+
+    # --- clients ----------------------------------------------------------------------------
+    def client_rank(self, client_id: int, tier: Tier) -> int:
+        return tier.lora_rank
+
+    def factors_at_rank(self, adapters: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
+        out = {}
+        for _, a, b in self.pairs:
+            out[a], out[b] = lm.client_factors(adapters[a], adapters[b], rank, self.model.lora_alpha)
+        return out
+
+    def plan(self, client_id: int, round_: int, tier: Tier, seed: int) -> ClientPlan:
+        rank = self.client_rank(client_id, tier)
+        return ClientPlan(client_id, round_, tier, top_k=self.model.k_max, lora_rank=rank,
+                          adapters=self.factors_at_rank(self.global_adapters, rank), seed=seed)
+
+    def scaled(self, update: ClientUpdate) -> dict[str, Tensor]:
+        """The update's factors with B carrying the client's scale s_c (float64)."""
+        s_c = lm.scale(self.model.lora_alpha, update.lora_rank)
+        out = {}
+        for _, a, b in self.pairs:
+            out[a] = update.adapters[a].double()
+            out[b] = update.adapters[b].double() * s_c
+        return out
+
+    def products(self, update: ClientUpdate) -> dict[str, Tensor]:
+        """s_c B_c A_c per pair, float64."""
+        scaled = self.scaled(update)
+        return {key: lm.product(scaled[a], scaled[b]) for key, a, b in self.pairs}
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def eval_setting(self, tier: Tier) -> tuple[int, int]:
+        return self.model.k_max, tier.lora_rank
+
+    def eval_adapters(self, tier: Tier | None = None) -> dict[str, Tensor]:
+        return self.factors_at_rank(self.global_adapters, tier.lora_rank if tier else self.model.lora_rank)
+
+
+def zero_padded_sum(strategy: HeteroRankStrategy, update: ClientUpdate, weight: float) -> dict[str, Tensor]:
+    """weight * (A_c, s_c B_c), already zero beyond r_c, and the weight: a weighted average's parts."""
+    out = {f"sum/{k}": v * weight for k, v in strategy.scaled(update).items()}
+    out["weight"] = torch.tensor([float(weight)], dtype=torch.float64)
+    return out
