@@ -5,7 +5,6 @@ import copy
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
 from safetensors.torch import save_file
 from torch import nn
 from transformers import OlmoeForCausalLM
@@ -64,6 +63,8 @@ def export_peft_attention(model: OlmoeForCausalLM, out_dir: str | Path) -> None:
     The tensors are written directly under peft's key names rather than through a PeftModel,
     which would need a second copy of the whole model.
     """
+    from peft import LoraConfig  # imported here: peft takes a while to import, and only this needs it
+
     tensors, targets, ranks, alphas = {}, set(), set(), set()
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):

@@ -26,14 +26,20 @@ class Routing:
     probs: Tensor    # [N, E] router probabilities (detached, fp32)
 
 
+def _strides_aligned(t: Tensor) -> bool:
+    # The CPU grouped_mm kernel wants 16-byte aligned data and every non-unit stride a multiple
+    # of 16 bytes (torch 2.13); memmapped or odd-sized tensors take the loop instead.
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride() if s != 1)
+
+
 def _can_use_grouped_mm(x: Tensor, weight: Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
     if x.device.type == "cuda":
         # The CUDA kernel is bf16-only (torch 2.13 docs); other dtypes take the loop.
         return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    # Older CPU kernels required 16-byte aligned operands (safetensors memmaps may not be).
-    return x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+    return _strides_aligned(x) and _strides_aligned(weight)
 
 
 def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
@@ -115,8 +121,21 @@ class HeteroMoEBlock(nn.Module):
         self.lora_down_B.zero_()
 
     def _lora_factors(self, proj: str) -> tuple[Tensor, Tensor]:
+        """A [E, r, in], B [E, out, r] at the active rank (views)."""
         r = self.active_rank
         return getattr(self, f"lora_{proj}_A")[:, :r], getattr(self, f"lora_{proj}_B")[..., :r]
+
+    def _kernel_factors(self, proj: str) -> tuple[Tensor, Tensor]:
+        """The factors laid out for grouped_mm: its 16-byte stride rule also binds the [S, r]
+        intermediate, so unaligned ranks get zero padding (exact, and a copy of E*r*(in+out)).
+        """
+        a, b = self._lora_factors(proj)
+        align = max(1, 16 // a.element_size())
+        pad = (-a.shape[1]) % align
+        if pad or b.stride(1) % align:
+            a = F.pad(a, (0, 0, 0, pad))
+            b = F.pad(b, (0, pad)).contiguous()
+        return a, b
 
     def expert_delta(self, proj: str) -> Tensor:
         """s * B_e @ A_e for every expert, [E, out, in]: for merging only, never in forward."""
@@ -156,9 +175,9 @@ class HeteroMoEBlock(nn.Module):
         """W_e x (+ s * B_e A_e x) for the rows of each expert e."""
         y = grouped_linear(xs, getattr(self.experts, f"{proj}_proj"), offsets)
         if self.has_lora:
-            a, b = self._lora_factors(proj)
+            a, b = self._kernel_factors(proj)
             # Scaling the rank-r intermediate is r/out times cheaper than scaling the output.
-            y = y + grouped_linear(grouped_linear(xs, a, offsets) * self.scale, b, offsets)
+            y = y.add_(grouped_linear(grouped_linear(xs, a, offsets) * self.scale, b, offsets))
         return y
 
     def dispatch(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:

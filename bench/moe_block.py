@@ -1,0 +1,107 @@
+"""Forward+backward time of HeteroMoEBlock against the Hugging Face OLMoE block.
+
+Prints ratios, asserts nothing:
+1. ours (expert LoRA on) / HF (`grouped_mm` experts, frozen weights) at full top-k, same
+   weights and batch; goal <= 1.0.
+2. ours at K_max/4 / ours at K_max, beside the FLOP ratio computed from the routed counts;
+   goal: time ratio <= 1.15 x FLOP ratio, on a shape where the experts dominate.
+
+    python bench/moe_block.py [--tokens 2048] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from transformers import OlmoeConfig
+from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+
+from pipeline.model import HeteroMoEBlock
+
+
+def step_time(block, x, warmup: int, iters: int) -> float:
+    """Median seconds of one forward + backward (input gradients, adapter gradients)."""
+    grad = torch.randn_like(x)
+    times = []
+    for i in range(warmup + iters):
+        xi = x.detach().requires_grad_(True)
+        t0 = time.perf_counter()
+        block(xi).backward(grad)
+        times.append(time.perf_counter() - t0)
+        block.zero_grad(set_to_none=True)
+    return statistics.median(times[warmup:])
+
+
+def block_flops(n_tokens: int, routed: int, cfg: OlmoeConfig, rank: int) -> float:
+    """Forward + backward FLOPs of the block, by pipeline.model.flops' rules, from routed pairs."""
+    H, I, E = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
+    router = 2 * n_tokens * H * E
+    experts = routed * (2 * H * 2 * I + 2 * I * H)
+    lora = routed * 2 * rank * ((H + 2 * I) + (I + H))
+    return 2 * (router + experts) + 3 * lora  # frozen: fwd + 1x bwd; adapters: fwd + 2x bwd
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    cfg = OlmoeConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_experts=args.experts, num_experts_per_tok=args.top_k, eos_token_id=None)
+    cfg._experts_implementation = "grouped_mm"  # HF's default experts kernel
+    hf = OlmoeSparseMoeBlock(cfg)
+    with torch.no_grad():
+        hf.gate.weight.normal_(0, 0.02)
+        hf.experts.gate_up_proj.normal_(0, 0.02)
+        hf.experts.down_proj.normal_(0, 0.02)
+    hf.requires_grad_(False)  # frozen base, as in adapter fine-tuning
+
+    ours = HeteroMoEBlock(copy.deepcopy(hf), lora_rank=args.rank, lora_alpha=2.0 * args.rank)
+    with torch.no_grad():  # non-zero B, so the LoRA path does real work
+        ours.lora_gate_up_B.normal_(0, 0.02)
+        ours.lora_down_B.normal_(0, 0.02)
+    x = torch.randn(1, args.tokens, args.hidden)
+
+    print(f"shape: tokens={args.tokens} H={args.hidden} I={args.intermediate} E={args.experts} "
+          f"K_max={args.top_k} LoRA r={args.rank}; threads={torch.get_num_threads()}; "
+          f"median of {args.iters} after {args.warmup} warmup")
+
+    t_hf = step_time(hf, x, args.warmup, args.iters)
+    ours.top_k = args.top_k
+    t_full = step_time(ours, x, args.warmup, args.iters)
+    print(f"[1] full top-k {args.top_k}: HF {t_hf * 1e3:.1f} ms, ours {t_full * 1e3:.1f} ms "
+          f"-> ours/HF = {t_full / t_hf:.3f}  (goal <= 1.0)")
+
+    k_low = max(1, args.top_k // 4)
+    routed = {}
+    times = {}
+    for k in (args.top_k, k_low):
+        ours.top_k = k
+        ours.token_counts.zero_()
+        times[k] = step_time(ours, x, args.warmup, args.iters)
+        routed[k] = int(ours.token_counts.sum()) // (args.warmup + args.iters)
+    flops = {k: block_flops(args.tokens, routed[k], cfg, args.rank) for k in routed}
+    time_ratio = times[k_low] / times[args.top_k]
+    flop_ratio = flops[k_low] / flops[args.top_k]
+    print(f"[2] ours top-k {k_low} vs {args.top_k}: {times[k_low] * 1e3:.1f} ms vs "
+          f"{times[args.top_k] * 1e3:.1f} ms -> time ratio {time_ratio:.3f}, FLOP ratio "
+          f"{flop_ratio:.3f} (routed pairs {routed[k_low]} vs {routed[args.top_k]}); "
+          f"time/FLOP ratio = {time_ratio / flop_ratio:.3f}  (goal <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()
