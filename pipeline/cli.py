@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -24,10 +25,12 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    import deepspeed  # noqa: F401  (its logger exists once imported)
+    import transformers
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a run's latest checkpoint (its final state once finished)")
     ev.add_argument("run_dir")
     ev.add_argument("--checkpoint", default=None, help="a checkpoint directory instead of checkpoints/latest")
+    ev.add_argument("--json", default=None, metavar="PATH", help="also write the per-tier results as JSON")
 
     report = sub.add_parser("report", help="rewrite RUN/report.md and RUN/plots/ from metrics.jsonl")
     report.add_argument("run_dir")
@@ -96,7 +100,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         _quiet_libraries()
         from pipeline.federation.runner import evaluate_run
 
-        evaluate_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None)
+        rows = evaluate_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
         return 0
     if args.command == "report":
         from pipeline.eval.report import write_report

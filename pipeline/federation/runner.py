@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 
 from pipeline import checkpoint
-from pipeline.algorithms import ClientUpdate, ModelInfo, Strategy, build_strategy
+from pipeline.algorithms import STRATEGIES, ClientUpdate, ModelInfo, Strategy, build_strategy
 from pipeline.config import Config, Tier, dump_config, load_config, resolve_tiers
 from pipeline.engine.client import ClientEngine, init_distributed
 from pipeline.errors import UserError
@@ -53,6 +53,8 @@ class Federation:
 
 def setup(cfg: Config):
     """Model, tokenizer, tiers, strategy (with its initial state) and data: all a run reads."""
+    if cfg.algorithm.name not in STRATEGIES:  # fail before the model loads
+        build_strategy(cfg.algorithm.name, {}, None, [])
     model, tokenizer = load_patched_model(cfg.model)
     torch.manual_seed(cfg.seed)  # nothing should draw from it; pinned anyway
     mcfg = model.config
@@ -65,8 +67,8 @@ def setup(cfg: Config):
     return model, tokenizer, tiers, strategy, data
 
 
-def build(cfg: Config, run_dir: Path, resume_offset: int | None) -> Federation:
-    model, tokenizer, tiers, strategy, data = setup(cfg)
+def build(cfg: Config, run_dir: Path, resume_offset: int | None, parts=None) -> Federation:
+    model, tokenizer, tiers, strategy, data = parts or setup(cfg)
     init_distributed()
     engine = ClientEngine(model, cfg.train, cfg.deepspeed)
     metrics = MetricsLogger(run_dir, resume_offset=resume_offset, tensorboard=cfg.logging.tensorboard)
@@ -222,9 +224,9 @@ def _progress(enabled: bool) -> Progress | None:
 
 
 def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | None,
-            state: dict | None) -> Path:
+            state: dict | None, parts=None) -> Path:
     """Run rounds start_round..rounds; `state` is a loaded checkpoint (None for a fresh run)."""
-    fed = build(cfg, run_dir, resume_offset)
+    fed = build(cfg, run_dir, resume_offset, parts)
     if state is not None:
         fed.strategy.load_state_dict(state)
     fed.metrics.log("run", status="resumed" if state else "started", round=start_round)
@@ -278,15 +280,17 @@ class _nullcontext:
 
 def start_run(cfg: Config, out: Path, overwrite: bool) -> Path:
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
-        if not (out / "config.yaml").is_file():
-            raise UserError(f"{out}: not a fedmoe run directory; refusing to overwrite it")
+    occupied = out.exists() and any(out.iterdir())
+    if occupied and not overwrite:
+        raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
+    if occupied and not (out / "config.yaml").is_file():
+        raise UserError(f"{out}: not a fedmoe run directory; refusing to overwrite it")
+    parts = setup(cfg)  # every input is loaded and checked before anything is written
+    if occupied:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
-    return execute(cfg, out, start_round=0, resume_offset=None, state=None)
+    return execute(cfg, out, start_round=0, resume_offset=None, state=None, parts=parts)
 
 
 def is_run_dir(path: Path) -> bool:
