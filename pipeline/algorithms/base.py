@@ -93,6 +93,18 @@ class Strategy:
         return ClientPlan(client_id, round_, tier, top_k=tier.top_k, lora_rank=self.model.lora_rank,
                           adapters=self.global_adapters, seed=seed)
 
+    # Model features the method needs, applied when the model is patched:
+    # routing_modulation -> a learnable DMR vector `phi` per MoE layer (part of the adapters);
+    # record_routing -> each block keeps its last routing (indices, probs) for gradient hooks.
+    model_features: dict[str, Any] = {}
+
+    def configure_model(self, model: torch.nn.Module, plan: ClientPlan | None) -> None:
+        """Set non-adapter routing state before a client trains (plan) or before evaluation (None)."""
+
+    def client_extras(self, model: torch.nn.Module, plan: ClientPlan) -> dict[str, Tensor]:
+        """What a client returns besides its adapters (e.g. a balancing bias), after training."""
+        return {}
+
     def extra_loss(self, model: torch.nn.Module, plan: ClientPlan) -> Tensor | None:
         """Added to the task loss on every local step (e.g. a range penalty)."""
         return None
@@ -125,12 +137,12 @@ class Strategy:
         return {}
 
 
-def weighted_sum_contribution(update: ClientUpdate, weight: float) -> dict[str, Tensor]:
+def weighted_sum_contribution(adapters: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
     """`weight * adapter` for every tensor plus the weight itself: the FedAvg numerator and denominator.
 
     Summed in float64 so that the order of summation (one process vs a collective) barely matters.
     """
-    out = {f"sum/{k}": v.double() * weight for k, v in update.adapters.items()}
+    out = {f"sum/{k}": v.double() * weight for k, v in adapters.items()}
     out["weight"] = torch.tensor([float(weight)], dtype=torch.float64)
     return out
 

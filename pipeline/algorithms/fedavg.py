@@ -20,7 +20,7 @@ class FedAvg(Strategy):
         return plan
 
     def contribution(self, update: ClientUpdate):
-        return weighted_sum_contribution(update, update.n_samples)
+        return weighted_sum_contribution(update.adapters, update.n_samples)
 
     def finalize(self, sums) -> None:
         self.global_adapters = weighted_average(sums, self.global_adapters)

@@ -19,7 +19,7 @@ from pipeline import checkpoint
 from pipeline.algorithms import STRATEGIES, ClientUpdate, ModelInfo, Strategy, build_strategy
 from pipeline.config import Config, Tier, dump_config, load_config, resolve_tiers
 from pipeline.engine.client import ClientEngine, init_distributed
-from pipeline.errors import UserError
+from pipeline.errors import ConfigError, UserError
 from pipeline.eval.metrics import MetricsLogger, round_table
 from pipeline.eval.report import write_report
 from pipeline.eval.scoring import evaluate_choices
@@ -28,6 +28,7 @@ from pipeline.federation.sampling import (ADAPTER_INIT, LOCAL_DATA, assign_tiers
                                           local_batches, sample_clients)
 from pipeline.model import (init_adapter_state, load_adapter_state, save_merged, set_base_delta,
                             set_lora_rank, set_top_k)
+from pipeline.model.routing import enable_routing_modulation, set_record_routing
 
 console = Console()
 
@@ -62,9 +63,24 @@ def setup(cfg: Config):
     info = ModelInfo(mcfg.num_hidden_layers, mcfg.num_experts, mcfg.num_experts_per_tok,
                      cfg.model.lora.rank, cfg.model.lora.alpha)
     strategy = build_strategy(cfg.algorithm.name, cfg.algorithm.options, info, tiers)
+    apply_model_features(model, strategy, cfg)
     strategy.init_state(init_adapter_state(model, derive_seed(cfg.seed, ADAPTER_INIT)))
     data = load_federated_data(cfg, tokenizer)
     return model, tokenizer, tiers, strategy, data
+
+
+def apply_model_features(model, strategy: Strategy, cfg: Config) -> None:
+    """What the method needs of the model (DMR's phi, routing records), before the engine exists."""
+    features = strategy.model_features
+    if features.get("routing_modulation"):
+        enable_routing_modulation(model, features["routing_modulation"])
+    if features.get("record_routing"):
+        # Pseudo-gradients edit p.grad between backward and step; ZeRO 2/3 partition the
+        # gradients during backward, so p.grad is gone by then.
+        if cfg.deepspeed.zero_stage >= 2:
+            raise ConfigError(f"deepspeed.zero_stage: {strategy.name} with pseudo-gradients needs "
+                              f"stage 0 or 1, got {cfg.deepspeed.zero_stage}")
+        set_record_routing(model, True)
 
 
 def build(cfg: Config, run_dir: Path, resume_offset: int | None, parts=None) -> Federation:
@@ -87,6 +103,7 @@ def train_client(fed: Federation, client: int, round_: int, progress: Progress |
     indices = fed.data.client_indices[client]
     batches = (fed.data.train_batch(b) for b in
                local_batches(indices, cfg.train.local_steps, cfg.train.batch_size, seed))
+    strategy.configure_model(fed.engine.model, plan)
     task = None
     if progress is not None:
         task = progress.add_task(f"  client {client} ({plan.tier.name}, k={plan.top_k})",
@@ -104,7 +121,8 @@ def train_client(fed: Federation, client: int, round_: int, progress: Progress |
                         n_samples=len(indices), expert_token_counts=counts, tokens=tokens,
                         metrics={"train_loss": sum(result.losses) / len(result.losses),
                                  "final_loss": result.losses[-1], "seconds": result.seconds,
-                                 "steps": len(result.losses)})
+                                 "steps": len(result.losses)},
+                        extras=strategy.client_extras(fed.engine.model, plan))
 
 
 def check_update(update: ClientUpdate, expected: dict[str, torch.Tensor]) -> str | None:
@@ -160,6 +178,7 @@ def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: Federated
                    batch_size: int, round_: int, load_adapters) -> list[dict]:
     """The global model at each tier's setting (its top-k, rank and adapters) on the held-out suite."""
     set_base_delta(model, strategy.base_delta())
+    strategy.configure_model(model, None)
     rows = []
     for tier in tiers:
         top_k, rank = strategy.eval_setting(tier)

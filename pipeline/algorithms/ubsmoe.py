@@ -1,0 +1,156 @@
+"""`ubsmoe`: UB-SMoE = Dynamic Modulated Routing (DMR) + Universal Pseudo-Gradient (PG).
+
+ALGORITHMS.md section 3. Client: router affinities s, candidate set T = top-N_p of s, a
+learnable per-layer shift phi added inside T, softmax, top-K_c (the block does this when the
+model carries `phi`); loss = LM + range penalty on phi; after each backward, pseudo-gradients
+for the expert LoRA of experts no token used, from the routing-mass-weighted gradient of the
+active ones, scaled by rho_c. Server: adapters averaged (FedAvg or expert-wise), then the
+utilisation estimate u, the target u* = K_bar / M, phi_raw = tanh(u*/u - 1) and the momentum
+update phi = zeta * mean_c(phi_c) + (1 - zeta) * phi_raw, broadcast next round.
+
+Switches (all documented as ours where ALGORITHMS.md tags them [choice]):
+dmr, pg, reg (on/off), rho (sparsity | inverse), aggregation (fedavg | expert-wise),
+pg_scope (inactive | all), n_candidates (default 2 K_max), phi_min/phi_max, lam, zeta.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor
+
+from pipeline.algorithms import routing_math as rm
+from pipeline.algorithms.base import (ClientPlan, ClientUpdate, Strategy, register,
+                                      weighted_average, weighted_sum_contribution)
+from pipeline.errors import ConfigError
+
+LAYER = re.compile(r"layers\.(\d+)\.")
+EXPERT_LORA = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
+
+
+def layer_of(name: str) -> int:
+    match = LAYER.search(name)
+    if not match:
+        raise ValueError(f"{name}: no layer index in adapter name")
+    return int(match.group(1))
+
+
+def is_phi(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] == "phi"
+
+
+def is_expert_lora(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in EXPERT_LORA
+
+
+@register
+class UBSMoE(Strategy):
+    name = "ubsmoe"
+    option_defaults = {
+        "dmr": True, "pg": True, "reg": True,
+        "rho": "sparsity", "aggregation": "fedavg", "pg_scope": "inactive",
+        "n_candidates": None, "phi_min": -1.0, "phi_max": 1.0, "lam": 1e-2, "zeta": 0.9, "eps": 1e-6,
+    }
+
+    def __init__(self, options, model, tiers):
+        super().__init__(options, model, tiers)
+        o = self.options
+        for key, allowed in (("rho", ("sparsity", "inverse")), ("aggregation", ("fedavg", "expert-wise")),
+                             ("pg_scope", ("inactive", "all"))):
+            if o[key] not in allowed:
+                raise ConfigError(f"algorithm.options.{key}: must be one of {', '.join(allowed)}, got {o[key]!r}")
+        for key in ("dmr", "pg", "reg"):
+            if not isinstance(o[key], bool):
+                raise ConfigError(f"algorithm.options.{key}: expected true or false, got {o[key]!r}")
+        if model is not None:
+            n_p = o["n_candidates"] or 2 * model.k_max
+            if not model.k_max <= n_p <= model.num_experts:
+                raise ConfigError(f"algorithm.options.n_candidates: must be in [K_max={model.k_max}, "
+                                  f"{model.num_experts}], got {n_p}")
+            o["n_candidates"] = min(n_p, model.num_experts)
+        self.model_features = {"routing_modulation": o["n_candidates"] if o["dmr"] else None,
+                               "record_routing": o["pg"]}
+        self.utilisation: Tensor | None = None
+
+    # --- state ---------------------------------------------------------------------------
+    def state_dict(self):
+        state = super().state_dict()
+        if self.utilisation is not None:
+            state["tensors"]["utilisation"] = self.utilisation
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.utilisation = state["tensors"].get("utilisation")
+
+    # --- client hooks ----------------------------------------------------------------------
+    def extra_loss(self, model, plan: ClientPlan):
+        if not (self.options["dmr"] and self.options["reg"]):
+            return None
+        o = self.options
+        phis = [p for n, p in model.named_parameters() if is_phi(n)]
+        return sum(rm.range_penalty(p, o["phi_min"], o["phi_max"], o["lam"]) for p in phis)
+
+    @torch.no_grad()
+    def after_backward(self, model, plan: ClientPlan) -> None:
+        if not self.options["pg"]:
+            return
+        rho_c = rm.rho(plan.top_k, self.model.num_experts, self.options["rho"])
+        for block in _moe_blocks(model):
+            routing = block.last_routing
+            if routing is None:
+                continue
+            for name in EXPERT_LORA:
+                p = getattr(block, name, None)
+                if p is None or p.grad is None:
+                    continue
+                p.grad.add_(rm.pseudo_gradients(p.grad, routing.indices, routing.probs, rho_c,
+                                                self.options["pg_scope"]).to(p.grad.dtype))
+
+    # --- aggregation ----------------------------------------------------------------------
+    def contribution(self, update: ClientUpdate):
+        n = float(update.n_samples)
+        if self.options["aggregation"] == "fedavg":
+            out = weighted_sum_contribution(update.adapters, n)
+        else:  # expert-wise: expert j of client c weighted by its routed-token count a_{c,j}
+            out = weighted_sum_contribution({k: v for k, v in update.adapters.items() if not is_expert_lora(k)}, n)
+            counts = update.expert_token_counts.double()
+            for k, v in update.adapters.items():
+                if is_expert_lora(k):
+                    c = counts[layer_of(k)]
+                    out[f"ew/{k}"] = v.double() * c.view(-1, *([1] * (v.dim() - 1)))
+            out["ew_counts"] = counts
+        tokens = max(update.tokens, 1)
+        out["u_num"] = n * update.expert_token_counts.double() / tokens
+        out["k_num"] = torch.tensor([n * update.top_k], dtype=torch.float64)
+        return out
+
+    def finalize(self, sums) -> None:
+        previous = self.global_adapters
+        if self.options["aggregation"] == "fedavg":
+            new = weighted_average(sums, previous)
+        else:
+            new = weighted_average(sums, {k: v for k, v in previous.items() if not is_expert_lora(k)})
+            counts = sums["ew_counts"]
+            for k, v in previous.items():
+                if is_expert_lora(k):
+                    c = counts[layer_of(k)].view(-1, *([1] * (v.dim() - 1)))
+                    # An expert no client routed a token to keeps its previous value.
+                    new[k] = torch.where(c > 0, sums[f"ew/{k}"] / c.clamp_min(1e-12), v.double()).to(v.dtype)
+            new = {k: new[k] for k in previous}
+        total = sums["weight"].item()
+        self.utilisation = (sums["u_num"] / total).float()
+        if self.options["dmr"]:
+            u_star = sums["k_num"].item() / total / self.model.num_experts
+            raw = rm.phi_raw(self.utilisation.double(), u_star, self.options["eps"])
+            for k in new:
+                if is_phi(k):
+                    mean_c = new[k].double()  # the n_c-weighted mean of the clients' phi
+                    new[k] = rm.momentum_phi(mean_c, raw[layer_of(k)], self.options["zeta"]).float()
+        self.global_adapters = new
+
+
+def _moe_blocks(model):
+    from pipeline.model import HeteroMoEBlock  # the block type, to find the layers' routing
+
+    return [m for m in model.modules() if isinstance(m, HeteroMoEBlock)]
