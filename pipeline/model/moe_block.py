@@ -56,6 +56,90 @@ def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
     return torch.cat(parts) if parts else x.new_zeros(0, weight.shape[1])
 
 
+class _ExpertLoRALinear(torch.autograd.Function):
+    """y = W_e x + s * B_e (A_e x) for the rows of each expert e, with a hand-written backward.
+
+    Autograd through grouped_mm calls gives the same numbers, but the rank-r products are bound
+    by memory, not FLOPs, and their layout decides their speed: on CPU, keeping the rank-r
+    intermediates as [r, S] (`A_e @ x^T` rather than `x @ A_e^T`) and B as [E, r, out] made the
+    LoRA part of a step about 40% faster than autograd's choice, and writing in place saves the
+    [S, out] LoRA output and the second input gradient that autograd allocates only to add.
+    CPU grouped_mm is itself a loop of per-group GEMMs, so the explicit loop over experts
+    loses nothing; other devices run the same products as grouped_mm calls.
+    Shapes: xs [S, in], weight [E, out, in], a [E, r, in], b [E, out, r], offsets [E] int32.
+    """
+
+    @staticmethod
+    def forward(ctx, xs, weight, a, b, offsets, scale, cpu_loop):
+        ctx.cpu_loop = cpu_loop
+        if cpu_loop:
+            b_t = b.transpose(-2, -1).contiguous()  # [E, r, out]
+            y = xs.new_empty(xs.shape[0], weight.shape[1])
+            xa_t = xs.new_empty(a.shape[1], xs.shape[0])  # s * A_e x, as [r, S]
+            for e, rows in _groups(offsets):
+                torch.mm(xs[rows], weight[e].T, out=y[rows])
+                torch.mm(a[e], xs[rows].T, out=xa_t[:, rows]).mul_(scale)
+                y[rows].addmm_(xa_t[:, rows].T, b_t[e])
+            ctx.save_for_backward(xs, weight, a, b_t, xa_t, offsets)
+        else:
+            y = F.grouped_mm(xs, weight.transpose(-2, -1), offs=offsets)
+            xa = F.grouped_mm(xs, a.transpose(-2, -1), offs=offsets).mul_(scale)
+            y.add_(F.grouped_mm(xa, b.transpose(-2, -1), offs=offsets))
+            ctx.save_for_backward(xs, weight, a, b, xa, offsets)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.cpu_loop:
+            return _ExpertLoRALinear._backward_cpu(ctx, grad, need_x, need_w)
+        xs, weight, a, b, xa, offsets = ctx.saved_tensors
+        dxs = dweight = None
+        dxa = F.grouped_mm(grad, b, offs=offsets).mul_(ctx.scale)  # [S, r]
+        if need_x:
+            dxs = F.grouped_mm(grad, weight, offs=offsets)
+            dxs.add_(F.grouped_mm(dxa, a, offs=offsets))
+        if need_w:
+            dweight = F.grouped_mm(grad.T, xs, offs=offsets)
+        da = F.grouped_mm(dxa.T, xs, offs=offsets)
+        db = F.grouped_mm(xa.T, grad, offs=offsets).transpose(-2, -1)
+        return dxs, dweight, da, db, None, None, None
+
+    @staticmethod
+    def _backward_cpu(ctx, grad, need_x, need_w):
+        xs, weight, a, b_t, xa_t, offsets = ctx.saved_tensors
+        dxa_t = xs.new_empty(a.shape[1], xs.shape[0])  # s * B_e^T g, as [r, S]
+        da = torch.zeros_like(a)
+        db_t = torch.zeros_like(b_t)
+        dxs = torch.empty_like(xs) if need_x else None
+        dweight = torch.zeros_like(weight) if need_w else None
+        for e, rows in _groups(offsets):
+            g = grad[rows]
+            torch.mm(b_t[e], g.T, out=dxa_t[:, rows]).mul_(ctx.scale)
+            torch.mm(xa_t[:, rows], g, out=db_t[e])
+            torch.mm(dxa_t[:, rows], xs[rows], out=da[e])
+            if need_x:
+                torch.mm(g, weight[e], out=dxs[rows]).addmm_(dxa_t[:, rows].T, a[e])
+            if need_w:
+                torch.mm(g.T, xs[rows], out=dweight[e])
+        return dxs, dweight, da, db_t.transpose(-2, -1), None, None, None
+
+
+def _use_cpu_loop(x: Tensor) -> bool:
+    return x.device.type == "cpu"
+
+
+def _groups(offsets: Tensor):
+    """(expert, row slice) for every expert with rows."""
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            yield e, slice(start, end)
+        start = end
+
+
 def _in_backward() -> bool:
     # Activation checkpointing re-runs forward inside backward; counting again would double
     # the routed-token counts.
@@ -173,12 +257,18 @@ class HeteroMoEBlock(nn.Module):
 
     def _project(self, xs: Tensor, proj: str, offsets: Tensor) -> Tensor:
         """W_e x (+ s * B_e A_e x) for the rows of each expert e."""
-        y = grouped_linear(xs, getattr(self.experts, f"{proj}_proj"), offsets)
-        if self.has_lora:
-            a, b = self._kernel_factors(proj)
-            # Scaling the rank-r intermediate is r/out times cheaper than scaling the output.
-            y = y.add_(grouped_linear(grouped_linear(xs, a, offsets) * self.scale, b, offsets))
-        return y
+        weight = getattr(self.experts, f"{proj}_proj")
+        if not self.has_lora:
+            return grouped_linear(xs, weight, offsets)
+        if _use_cpu_loop(xs):
+            a, b = self._lora_factors(proj)
+            return _ExpertLoRALinear.apply(xs, weight, a, b, offsets, self.scale, True)
+        a, b = self._kernel_factors(proj)
+        if all(_can_use_grouped_mm(xs, w) for w in (weight, a, b)):
+            return _ExpertLoRALinear.apply(xs, weight, a, b, offsets, self.scale, False)
+        # Scaling the rank-r intermediate is r/out times cheaper than scaling the output.
+        lora = grouped_linear(grouped_linear(xs, a, offsets) * self.scale, b, offsets)
+        return grouped_linear(xs, weight, offsets) + lora
 
     def dispatch(self, x: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """Dropless expert computation on the routed (token, expert) pairs only."""

@@ -52,11 +52,24 @@ def dense_reference(block: HeteroMoEBlock, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _force_path(monkeypatch, path):
+    """cpu_loop: the per-expert CPU kernel; grouped_mm: the kernel other devices use (it runs
+    on CPU too); autograd: the plain fallback where grouped_mm cannot run."""
+    if path != "cpu_loop":
+        monkeypatch.setattr(moe_block_module, "_use_cpu_loop", lambda x: False)
+    if path == "autograd":
+        monkeypatch.setattr(moe_block_module, "_can_use_grouped_mm", lambda *a: False)
+
+
+@pytest.mark.parametrize("path,rank", [("cpu_loop", 4), ("grouped_mm", 4), ("grouped_mm", 3),
+                                       ("autograd", 4)])
 @pytest.mark.parametrize("norm_topk_prob", [False, True])
 @pytest.mark.parametrize("top_k", [1, 3, 8])
-def test_block_matches_dense_reference_with_adapters(tiny_olmoe_config, norm_topk_prob, top_k):
+def test_block_matches_dense_reference_with_adapters(tiny_olmoe_config, norm_topk_prob, top_k,
+                                                     path, rank, monkeypatch):
+    _force_path(monkeypatch, path)
     model = build_model({**tiny_olmoe_config, "norm_topk_prob": norm_topk_prob}, seed=0)
-    patch_olmoe(model, lora_rank=4, lora_alpha=8.0, attention_lora=False)
+    patch_olmoe(model, lora_rank=rank, lora_alpha=8.0, attention_lora=False)
     _randomise_adapters(model)
     block = model.model.layers[0].mlp
     block.top_k = top_k
@@ -80,9 +93,8 @@ def test_block_matches_dense_reference_with_adapters(tiny_olmoe_config, norm_top
             torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
 
 
-def test_loop_fallback_matches_grouped_mm(tiny_olmoe_config, monkeypatch):
-    model = patch_olmoe(build_model(tiny_olmoe_config, seed=0), lora_rank=4, attention_lora=False)
-    _randomise_adapters(model)
+def test_base_loop_fallback_matches_grouped_mm(tiny_olmoe_config, monkeypatch):
+    model = patch_olmoe(build_model(tiny_olmoe_config, seed=0), expert_lora=False)
     block = model.model.layers[1].mlp
     x = torch.randn(1, 13, 32)
     with torch.no_grad():
@@ -128,9 +140,9 @@ def test_counts_and_set_top_k(tiny_olmoe):
             set_top_k(model, bad)
 
 
-def test_counts_not_doubled_by_gradient_checkpointing(tiny_olmoe):
+def test_counts_not_doubled_by_activation_checkpointing(tiny_olmoe):
     model = patch_olmoe(tiny_olmoe, lora_rank=2)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     model.train()
     set_top_k(model, 3)
     ids = _ids(shape=(2, 5))
