@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,13 +21,13 @@ from pipeline.config import Config, Tier, dump_config, load_config, resolve_tier
 from pipeline.engine.client import ClientEngine, init_distributed
 from pipeline.errors import ConfigError, UserError
 from pipeline.eval.metrics import MetricsLogger, round_table
-from pipeline.eval.report import write_report
+from pipeline.eval.report import balance_stats, write_report
 from pipeline.eval.scoring import evaluate_choices
 from pipeline.federation.inputs import FederatedData, load_federated_data, load_patched_model
 from pipeline.federation.sampling import (ADAPTER_INIT, LOCAL_DATA, assign_tiers, derive_seed,
                                           local_batches, sample_clients)
-from pipeline.model import (init_adapter_state, load_adapter_state, save_merged, set_base_delta,
-                            set_lora_rank, set_top_k)
+from pipeline.model import (flops_per_token, init_adapter_state, load_adapter_state, save_merged,
+                            set_base_delta, set_lora_rank, set_top_k)
 from pipeline.model.routing import enable_routing_modulation, set_record_routing
 
 console = Console()
@@ -50,6 +50,7 @@ class Federation:
     engine: ClientEngine
     strategy: Strategy
     metrics: MetricsLogger
+    tier_stats: dict = field(default_factory=dict)
 
 
 def setup(cfg: Config):
@@ -146,7 +147,7 @@ def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
     set_base_delta(fed.engine.model, strategy.base_delta())
     sums: dict[str, torch.Tensor] = {}
     load: dict[str, torch.Tensor] = {}
-    accepted = []
+    accepted, updates = [], []
     plan_shapes = strategy.global_adapters  # updates must match the global adapters' keys and shapes
     for client in clients:
         try:
@@ -159,6 +160,7 @@ def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
             fed.metrics.log("reject", round=round_, client=client, reason=reason)
             continue
         accepted.append(client)
+        updates.append(update)
         for key, value in strategy.contribution(update).items():
             sums[key] = sums[key] + value if key in sums else value.clone()
         tier = update.tier.name
@@ -169,9 +171,37 @@ def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
         raise RoundFailed(f"round {round_}: {len(accepted)} of {len(clients)} clients reported, "
                           f"federation.min_clients={cfg.federation.min_clients}")
     strategy.finalize(sums)
+    fed.tier_stats = tier_training_stats(fed, updates, load)
     fed.metrics.log("round", round=round_, seconds=time.perf_counter() - start, clients=accepted,
-                    expert_load={t: v.tolist() for t, v in load.items()})
+                    expert_load={t: v.tolist() for t, v in load.items()}, tiers=fed.tier_stats)
     return load
+
+
+def tier_training_stats(fed: Federation, updates: list[ClientUpdate], load: dict) -> dict:
+    """Per tier: training FLOPs per token counted from the routed experts, its ratio to the
+    costliest tier, measured seconds per local step, and expert-load balance."""
+    mcfg = fed.engine.model.config
+    lora = fed.cfg.model.lora
+    stats: dict[str, dict] = {}
+    for tier in fed.tiers:
+        mine = [u for u in updates if u.tier.name == tier.name]
+        if not mine:
+            continue
+        tokens = sum(u.tokens for u in mine)
+        routed = sum(u.expert_token_counts.sum(dim=1).mean().item() for u in mine)  # per layer
+        steps = sum(u.metrics["steps"] for u in mine)
+        seq_len = max(1, round(tokens / (steps * fed.cfg.train.batch_size)))
+        flops = flops_per_token(mcfg, top_k=routed / max(tokens, 1), lora_rank=mine[0].lora_rank,
+                                seq_len=seq_len, expert_lora=lora.experts, attention_lora=lora.attention)
+        balance = balance_stats(load[tier.name].numpy())
+        stats[tier.name] = {"train_flops_per_token": flops["train"],
+                            "step_seconds": sum(u.metrics["seconds"] for u in mine) / steps,
+                            "load_cv": balance["cv"], "load_entropy": balance["entropy"],
+                            "dead_expert_share": balance["low_load_share"]}
+    top = max((v["train_flops_per_token"] for v in stats.values()), default=0.0)
+    for v in stats.values():
+        v["flops_vs_top"] = v["train_flops_per_token"] / top if top else None
+    return stats
 
 
 def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: FederatedData,
@@ -196,6 +226,7 @@ def evaluate(fed: Federation, round_: int) -> list[dict]:
     rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data, fed.cfg.eval.batch_size,
                           round_, fed.engine.load_adapters)
     for row in rows:
+        row.update(fed.tier_stats.get(row["tier"], {}))  # the latest round's training cost and balance
         fed.metrics.log("eval", **row)
     return rows
 
