@@ -181,6 +181,10 @@ class HeteroMoEBlock(nn.Module):
         self.register_buffer("token_counts", torch.zeros(self.num_experts, dtype=torch.long,
                                                          device=self.gate.weight.device),
                              persistent=False)
+        # Routing variants, off by default (set by pipeline.model.routing).
+        self.register_parameter("phi", None)
+        self.n_candidates: int | None = None
+        self.selection_bias: Tensor | None = None
         self.record_counts = True
         self.record_routing = False
         self.last_routing: Routing | None = None
@@ -240,8 +244,17 @@ class HeteroMoEBlock(nn.Module):
         (selection-only bias, modulation) override this and leave dispatch alone.
         """
         logits = self.router_logits(x)
+        if self.phi is not None:
+            # DMR (pipeline.model.routing): shift the top-N_p candidates' affinities by phi.
+            candidates = torch.topk(logits, self.n_candidates, dim=-1).indices
+            inside = torch.zeros_like(logits).scatter_(1, candidates, 1.0)
+            logits = logits + inside * self.phi.to(logits.dtype)
         probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-        weights, indices = torch.topk(probs, self.top_k, dim=-1)
+        if self.selection_bias is None:
+            weights, indices = torch.topk(probs, self.top_k, dim=-1)
+        else:  # loss-free balancing: the bias picks the experts, the gates stay unbiased
+            indices = torch.topk(probs + self.selection_bias, self.top_k, dim=-1).indices
+            weights = probs.gather(1, indices)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return indices, weights.to(logits.dtype), probs
