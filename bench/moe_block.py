@@ -27,8 +27,11 @@ def step(block, x, grad, top_k=None):
     if top_k is not None:
         block.top_k = top_k
     xi = x.detach().requires_grad_(True)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     block(xi).backward(grad)
+    sync()
     elapsed = time.perf_counter() - t0
     block.zero_grad(set_to_none=True)
     return elapsed
@@ -57,15 +60,17 @@ def block_flops(n_tokens: int, routed: int, cfg: OlmoeConfig, rank: int) -> floa
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=1024)
+    ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--intermediate", type=int, default=512)
-    ap.add_argument("--experts", type=int, default=32)
+    ap.add_argument("--experts", type=int, default=16)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--iters", type=int, default=9)
+    ap.add_argument("--iters", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,14 +86,17 @@ def main() -> None:
         hf.experts.down_proj.normal_(0, 0.02)
     hf.requires_grad_(False)  # frozen base, as in adapter fine-tuning
 
+    dtype = getattr(torch, args.dtype)
+    hf.to(args.device, dtype)
     ours = HeteroMoEBlock(copy.deepcopy(hf), lora_rank=args.rank, lora_alpha=2.0 * args.rank)
     with torch.no_grad():  # non-zero B, so the LoRA path does real work
         ours.lora_gate_up_B.normal_(0, 0.02)
         ours.lora_down_B.normal_(0, 0.02)
-    x = torch.randn(1, args.tokens, args.hidden)
+    x = torch.randn(1, args.tokens, args.hidden, device=args.device, dtype=dtype)
 
     print(f"shape: tokens={args.tokens} H={args.hidden} I={args.intermediate} E={args.experts} "
-          f"K_max={args.top_k} LoRA r={args.rank}; threads={torch.get_num_threads()}; "
+          f"K_max={args.top_k} LoRA r={args.rank}; {args.device} {args.dtype}, "
+          f"threads={torch.get_num_threads()}; "
           f"median of {args.iters} after {args.warmup} warmup")
 
     plain = HeteroMoEBlock(copy.deepcopy(hf), expert_lora=False)

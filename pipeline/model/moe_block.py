@@ -36,9 +36,9 @@ def _strides_aligned(t: Tensor) -> bool:
 def _can_use_grouped_mm(x: Tensor, weight: Tensor) -> bool:
     if not hasattr(F, "grouped_mm"):
         return False
-    if x.device.type == "cuda":
-        # The CUDA kernel is bf16-only (torch 2.13 docs); other dtypes take the loop.
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+    if x.device.type == "cuda" and not (
+            x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)):
+        return False  # the CUDA kernel is bf16-only on sm80+ (torch 2.13 docs)
     return _strides_aligned(x) and _strides_aligned(weight)
 
 

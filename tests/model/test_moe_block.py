@@ -3,12 +3,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pipeline.model import (adapter_parameters, build_model, expert_token_counts, patch_olmoe,
                             reset_expert_token_counts, set_top_k)
 from pipeline.model import moe_block as moe_block_module
-from pipeline.model.moe_block import HeteroMoEBlock
+from tests.model.reference import dense_reference
 
 
 def _ids(vocab=64, shape=(3, 11), seed=0):
@@ -32,24 +31,6 @@ def test_zero_adapters_match_hf_logits(tiny_olmoe_config, norm_topk_prob):
         expected = hf(ids).logits
         got = ours(ids).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
-def dense_reference(block: HeteroMoEBlock, x: torch.Tensor) -> torch.Tensor:
-    """Every expert on every token with W + s*B@A materialised, then the routing mask."""
-    E, k, s = block.num_experts, block.top_k, block.scale
-    probs = F.softmax(x @ block.gate.weight.T, dim=-1, dtype=torch.float32)
-    top, idx = torch.topk(probs, k, dim=-1)
-    if block.norm_topk_prob:
-        top = top / top.sum(-1, keepdim=True)
-    gate_weight = torch.zeros_like(probs).scatter(1, idx, top)  # [N, E]
-    out = torch.zeros_like(x)
-    r = block.active_rank
-    for e in range(E):
-        w_gu = block.experts.gate_up_proj[e] + s * block.lora_gate_up_B[e, :, :r] @ block.lora_gate_up_A[e, :r]
-        w_d = block.experts.down_proj[e] + s * block.lora_down_B[e, :, :r] @ block.lora_down_A[e, :r]
-        g, u = (x @ w_gu.T).chunk(2, dim=-1)
-        out = out + gate_weight[:, e:e + 1] * ((F.silu(g) * u) @ w_d.T)
-    return out
 
 
 def _force_path(monkeypatch, path):
