@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", default=None, help="a checkpoint directory instead of checkpoints/latest")
     ev.add_argument("--json", default=None, metavar="PATH", help="also write the per-tier results as JSON")
 
+    cmp_ = sub.add_parser("compare", help="run methods x seeds from a spec and write a comparison table")
+    cmp_.add_argument("spec", help="comparison spec, e.g. configs/compare/benchmark.yaml")
+    cmp_.add_argument("--out", default="runs/compare", help="directory for the runs and compare.md")
+    cmp_.add_argument("--jobs", type=int, default=2, help="runs in parallel (threads split evenly)")
+    cmp_.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="extra override applied to every run (repeatable)")
+
     report = sub.add_parser("report", help="rewrite RUN/report.md and RUN/plots/ from metrics.jsonl")
     report.add_argument("run_dir")
     return parser
@@ -61,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        return _dispatch(args, argv)
     except UserError as exc:
         print(f"fedmoe: error: {exc}", file=sys.stderr)
         return 2
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
     from pipeline.config import load_config
 
     if args.command == "run":
@@ -103,6 +110,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         rows = evaluate_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
+    if args.command == "compare":
+        from pipeline.eval.compare import compare
+
+        if args.jobs < 1:
+            raise UserError(f"--jobs: must be >= 1, got {args.jobs}")
+        command = "fedmoe compare " + " ".join(sys.argv[2:] if argv is None else argv[1:])
+        compare(Path(args.spec), Path(args.out), args.jobs, args.overrides, command)
         return 0
     if args.command == "report":
         from pipeline.eval.report import write_report

@@ -1,0 +1,261 @@
+"""`fedmoe compare`: methods x seeds as parallel runs, then a paper-style table and plots.
+
+A spec file (configs/compare/*.yaml) names a base config, seeds, shared overrides and, per
+method, its overrides. Every run is an ordinary `fedmoe run` in OUT/<method>-seed<S>/; runs that
+finished are reused and unfinished ones resumed, so an interrupted comparison continues.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline.config import load_config
+from pipeline.errors import UserError
+from pipeline.eval.metrics import read_metrics
+from pipeline.eval.report import load_summary, relative_load
+
+console = Console()
+
+
+@dataclass
+class Spec:
+    base: Path
+    seeds: list[int]
+    overrides: list[str]
+    methods: dict[str, list[str]]
+    reference: str | None  # the method whose load map is shown beside each sparse method
+
+
+def read_spec(path: Path) -> Spec:
+    if not path.is_file():
+        raise UserError(f"compare spec not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise UserError(f"{path}: malformed YAML") from None
+    allowed = {"base", "seeds", "overrides", "methods", "reference"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise UserError(f"{path}: {unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
+    methods = raw.get("methods")
+    if not isinstance(methods, dict) or not methods:
+        raise UserError(f"{path}: methods: a mapping of method name -> list of overrides is required")
+    base = Path(raw.get("base", "configs/default.yaml"))
+    if not base.is_absolute() and not base.exists():
+        base = path.parent / base
+    spec = Spec(base, [int(s) for s in raw.get("seeds", [0])], list(raw.get("overrides", [])),
+                {str(k): list(v or []) for k, v in methods.items()}, raw.get("reference"))
+    for name, overrides in spec.methods.items():  # fail now, not in run 17 of 30
+        load_config(spec.base, [*spec.overrides, *overrides, "seed=0"])
+    return spec
+
+
+def _finished(run: Path) -> bool:
+    return (run / "final" / "adapter.safetensors").is_file() and (run / "report.md").is_file()
+
+
+def run_all(spec: Spec, out: Path, jobs: int, extra: list[str]) -> dict[tuple[str, int], Path]:
+    """Launch every (method, seed) run, `jobs` at a time, each on cores / jobs threads."""
+    out.mkdir(parents=True, exist_ok=True)
+    runs = {(m, s): out / f"{m}-seed{s}" for m in spec.methods for s in spec.seeds}
+    todo = [key for key, run in runs.items() if not _finished(run)]
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    log_dir = out / "logs"
+    log_dir.mkdir(exist_ok=True)
+    running: dict[tuple[str, int], subprocess.Popen] = {}
+    failed = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("runs", total=len(runs), completed=len(runs) - len(todo))
+        while todo or running:
+            while todo and len(running) < jobs:
+                method, seed = key = todo.pop(0)
+                run = runs[key]
+                if (run / "config.yaml").is_file():
+                    cmd = ["resume", str(run)]
+                else:
+                    sets = [*spec.overrides, *spec.methods[method], *extra, f"seed={seed}", "logging.progress=false"]
+                    cmd = ["run", "--config", str(spec.base), "--out", str(run), "--overwrite"]
+                    for item in sets:
+                        cmd += ["--set", item]
+                log = open(log_dir / f"{method}-seed{seed}.log", "w")
+                running[key] = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *cmd], env=env,
+                                                stdout=log, stderr=subprocess.STDOUT)
+            time.sleep(0.5)
+            for key, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[key]
+                    progress.advance(task)
+                    if proc.returncode != 0:
+                        failed.append(key)
+    if failed:
+        names = ", ".join(f"{m}-seed{s}" for m, s in failed)
+        raise UserError(f"compare: runs failed: {names} (logs in {log_dir})")
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and plots
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=float)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def summarise(spec: Spec, runs: dict[tuple[str, int], Path]) -> dict:
+    """Per method: per-tier final accuracy mean/std over seeds, average over tiers, cost, balance."""
+    result = {}
+    for method in spec.methods:
+        summaries = [load_summary(runs[(method, s)]) for s in spec.seeds]
+        tiers = list(summaries[0]["tiers"])
+        per_tier = {t: _mean_std([s["tiers"][t]["final"] for s in summaries]) for t in tiers}
+        base = {t: float(np.mean([s["tiers"][t]["base"] for s in summaries])) for t in tiers}
+        average = _mean_std([np.mean([s["tiers"][t]["final"] for t in tiers]) for s in summaries])
+        last_evals = [_last_eval_stats(runs[(method, s)]) for s in spec.seeds]
+        cost = {t: {k: float(np.mean([e[t][k] for e in last_evals if e.get(t, {}).get(k) is not None]))
+                    for k in ("flops_vs_top", "train_flops_per_token", "step_seconds", "load_cv",
+                              "dead_expert_share", "load_entropy")
+                    if any(e.get(t, {}).get(k) is not None for e in last_evals)} for t in tiers}
+        result[method] = {"tiers": tiers, "accuracy": per_tier, "base": base, "average": average,
+                          "cost": cost, "chance": summaries[0]["chance"],
+                          "top_k": {t: summaries[0]["tiers"][t]["top_k"] for t in tiers},
+                          "lora_rank": {t: summaries[0]["tiers"][t]["lora_rank"] for t in tiers}}
+    return result
+
+
+def _last_eval_stats(run: Path) -> dict[str, dict]:
+    out = {}
+    for e in read_metrics(run):
+        if e.get("event") == "eval":
+            out[e["tier"]] = e
+    return out
+
+
+def _fmt(mean: float, std: float) -> str:
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def markdown(spec: Spec, result: dict, command: str) -> str:
+    tiers = next(iter(result.values()))["tiers"]
+    lines = [f"# Comparison on `{spec.base}`", "",
+             f"Seeds {spec.seeds}; final accuracy in % (mean ± std over seeds); chance "
+             f"{100 * next(iter(result.values()))['chance']:.1f}%. Produced by:", "",
+             f"```\n{command}\n```", ""]
+    header = ["method", *[f"{t}" for t in tiers], "avg over tiers", "lowest-tier FLOPs vs top",
+              "lowest-tier load CV", "lowest-tier dead experts"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    low = tiers[0]
+    for method, r in result.items():
+        cost = r["cost"].get(low, {})
+        cells = [method, *[_fmt(*r["accuracy"][t]) for t in tiers], _fmt(*r["average"]),
+                 f"{cost.get('flops_vs_top', float('nan')):.2f}x", f"{cost.get('load_cv', float('nan')):.2f}",
+                 f"{100 * cost.get('dead_expert_share', float('nan')):.0f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Tier settings at evaluation (experts per token k / LoRA rank r):", ""]
+    lines += [f"- {m}: " + ", ".join(f"{t} k={r['top_k'][t]} r={r['lora_rank'][t]}" for t in tiers)
+              for m, r in result.items()]
+    lines += ["",
+        "Columns: per-tier accuracy of the final global model evaluated at the tier's setting; "
+        "FLOPs are training FLOPs per token counted from routed experts (forward + backward); "
+        "load CV is the coefficient of variation of routed tokens across experts, averaged over "
+        "layers, in the last round; dead experts get under 10% of the uniform load.", "",
+        "![accuracy per tier](plots/accuracy_per_tier.png)", "",
+        "![accuracy over rounds](plots/accuracy_over_rounds.png)", "",
+        "![expert load](plots/expert_load.png)", "", "![FLOPs per tier](plots/flops_per_tier.png)", ""]
+    return "\n".join(lines)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_all(spec: Spec, result: dict, runs: dict, out: Path) -> None:
+    plots = out / "plots"
+    plots.mkdir(exist_ok=True)
+    methods = list(result)
+    tiers = result[methods[0]]["tiers"]
+    # Per-tier accuracy bars.
+    fig = Figure(figsize=(max(6, 1.1 * len(methods) * len(tiers) / 2), 4))
+    ax = fig.add_subplot()
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        means = [result[m]["accuracy"][t][0] for t in tiers]
+        stds = [result[m]["accuracy"][t][1] for t in tiers]
+        ax.bar(np.arange(len(tiers)) + i * width, means, width, yerr=stds, label=m, capsize=2)
+    ax.axhline(result[methods[0]]["chance"], ls="--", c="gray", lw=1, label="chance")
+    ax.set_xticks(np.arange(len(tiers)) + 0.4 - width / 2, tiers)
+    ax.set_ylabel("final accuracy")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, plots / "accuracy_per_tier.png")
+    # Accuracy (average over tiers) against round, mean over seeds.
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    for m in methods:
+        curves = []
+        for s in spec.seeds:
+            by_round: dict[int, list[float]] = {}
+            for e in read_metrics(runs[(m, s)]):
+                if e.get("event") == "eval":
+                    by_round.setdefault(e["round"], []).append(e["accuracy"])
+            curves.append([np.mean(by_round[r]) for r in sorted(by_round)])
+        length = min(len(c) for c in curves)
+        ax.plot(range(length), np.mean([c[:length] for c in curves], axis=0), marker=".", label=m)
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy, average over tiers")
+    ax.legend(fontsize=7)
+    _save(fig, plots / "accuracy_over_rounds.png")
+    # Expert-load heatmaps of the lowest tier for every sparse method (summed over the run, seed 0).
+    sparse = [m for m in methods if result[m]["top_k"][tiers[0]] < max(result[m]["top_k"].values())]
+    fig = Figure(figsize=(4 * max(1, len(sparse)), 3.2))
+    for i, m in enumerate(sparse or methods[:1]):
+        ax = fig.add_subplot(1, max(1, len(sparse)), i + 1)
+        load = None
+        for e in read_metrics(runs[(m, spec.seeds[0])]):
+            if e.get("event") == "round" and tiers[0] in e.get("expert_load", {}):
+                arr = np.asarray(e["expert_load"][tiers[0]], dtype=float)
+                load = arr if load is None else load + arr
+        if load is not None:
+            im = ax.imshow(relative_load(load), aspect="auto", cmap="RdBu_r", vmin=0, vmax=2)
+            fig.colorbar(im, ax=ax, fraction=0.046)
+        ax.set_title(f"{m}: {tiers[0]} load / uniform", fontsize=8)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+    _save(fig, plots / "expert_load.png")
+    # Training FLOPs per token per tier.
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    for i, m in enumerate(methods):
+        vals = [result[m]["cost"].get(t, {}).get("train_flops_per_token", np.nan) / 1e6 for t in tiers]
+        ax.bar(np.arange(len(tiers)) + i * width, vals, width, label=m)
+    ax.set_xticks(np.arange(len(tiers)) + 0.4 - width / 2, tiers)
+    ax.set_ylabel("training MFLOPs per token")
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, plots / "flops_per_tier.png")
+
+
+def compare(spec_path: Path, out: Path, jobs: int, extra: list[str], command: str) -> Path:
+    spec = read_spec(spec_path)
+    runs = run_all(spec, out, jobs, extra)
+    result = summarise(spec, runs)
+    (out / "summary.json").write_text(json.dumps(result, indent=1))
+    plot_all(spec, result, runs, out)
+    path = out / "compare.md"
+    path.write_text(markdown(spec, result, command))
+    console.print(path.read_text().split("\n\n![")[0])
+    return path
