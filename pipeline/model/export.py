@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,6 +24,15 @@ def _plain_moe_block(block: HeteroMoEBlock) -> OlmoeSparseMoeBlock:
     return plain
 
 
+def _warn_if_routing_variant(block: HeteroMoEBlock) -> None:
+    # A plain HF OLMoE has no place for them, so the merged model routes without them.
+    for name in ("phi", "selection_bias"):
+        value = getattr(block, name, None)
+        if value is not None and bool(value.detach().abs().max() > 0):
+            warnings.warn(f"merge_adapters: the block's non-zero routing `{name}` is dropped; "
+                          "the merged Hugging Face model routes with the plain router", stacklevel=3)
+
+
 @torch.no_grad()
 def merge_adapters(model: OlmoeForCausalLM) -> OlmoeForCausalLM:
     """A plain HF model with s * B @ A (at the active rank) merged into the base weights.
@@ -34,6 +44,7 @@ def merge_adapters(model: OlmoeForCausalLM) -> OlmoeForCausalLM:
     for layer in merged.model.layers:
         block = layer.mlp
         if isinstance(block, HeteroMoEBlock):
+            _warn_if_routing_variant(block)
             if block.has_lora:
                 block.experts.gate_up_proj += block.expert_delta("gate_up").to(block.experts.gate_up_proj.dtype)
                 block.experts.down_proj += block.expert_delta("down").to(block.experts.down_proj.dtype)

@@ -2,6 +2,7 @@
 import copy
 import json
 
+import pytest
 import torch
 from transformers import OlmoeForCausalLM
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
@@ -72,3 +73,12 @@ def test_peft_attention_export_loads_with_peft(tiny_olmoe, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     with peft_model.disable_adapter(), torch.no_grad():  # the adapter did load and matter
         assert not torch.allclose(peft_model(input_ids=ids).logits, expected, atol=1e-3)
+
+
+def test_merge_warns_about_routing_variants(tiny_olmoe):
+    model = patch_olmoe(tiny_olmoe, lora_rank=2)
+    with torch.no_grad():
+        model.model.layers[0].mlp.phi = torch.nn.Parameter(torch.full((8,), 0.5))
+        model.model.layers[0].mlp.n_candidates = 8
+    with pytest.warns(UserWarning, match="phi"):
+        merge_adapters(model)
