@@ -122,7 +122,11 @@ def set_lora_rank(model: nn.Module, r: int) -> None:
 
 
 def expert_token_counts(model: nn.Module) -> Tensor:
-    """Routed-token counts since the last reset, [num_layers, num_experts] float64 on CPU."""
+    """Routed-token counts since the last reset, [num_layers, num_experts] float64 on CPU.
+
+    Every token the blocks saw counts, padding included: the block never sees the attention
+    mask. Each layer's row sums to tokens * top_k.
+    """
     return torch.stack([b.token_counts.detach().cpu() for b in _patched_blocks(model)]).double()
 
 

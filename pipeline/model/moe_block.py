@@ -4,7 +4,9 @@ and per-expert LoRA.
 It takes over the Hugging Face block's `gate` (router, `weight [E, H]`) and `experts` (fused
 `gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`, `act_fn`) submodules unchanged, so parameter
 names and weights stay those of the checkpoint. Only routed (token, expert) pairs are computed:
-pairs are sorted by expert and every projection is one grouped matmul over the jagged groups.
+pairs are sorted by expert, and each projection runs over the jagged per-expert groups, as
+`grouped_mm` (Hugging Face's default experts kernel) or, for expert LoRA on CPU, as one loop of
+per-expert GEMMs with a hand-written backward (`_ExpertLoRALinear`).
 """
 from __future__ import annotations
 
