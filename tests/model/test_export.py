@@ -82,3 +82,13 @@ def test_merge_warns_about_routing_variants(tiny_olmoe):
         model.model.layers[0].mlp.n_candidates = 8
     with pytest.warns(UserWarning, match="phi"):
         merge_adapters(model)
+
+
+def test_load_model_from_local_dir(tiny_olmoe, tmp_path):
+    from pipeline.model import load_model
+
+    tiny_olmoe.save_pretrained(tmp_path / "base")
+    loaded = load_model(str(tmp_path / "base"), dtype=torch.bfloat16)
+    assert isinstance(loaded, OlmoeForCausalLM) and loaded.dtype == torch.bfloat16
+    torch.testing.assert_close(loaded.model.layers[0].mlp.gate.weight.float(),
+                               tiny_olmoe.model.layers[0].mlp.gate.weight.bfloat16().float())
