@@ -110,7 +110,9 @@ class Strategy:
         return None
 
     def after_backward(self, model: torch.nn.Module, plan: ClientPlan) -> None:
-        """Called between backward and the optimizer step (e.g. pseudo-gradients)."""
+        """Called after backward, before the optimizer step, for state updates from the step
+        (e.g. a balancing bias). Under ZeRO 1/2 `p.grad` is already gone here: gradient edits
+        belong in tensor hooks set up by `configure_model`."""
 
     # --- aggregation --------------------------------------------------------------------
     def contribution(self, update: ClientUpdate) -> dict[str, Tensor]:

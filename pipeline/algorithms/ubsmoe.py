@@ -71,6 +71,7 @@ class UBSMoE(Strategy):
         self.model_features = {"routing_modulation": o["n_candidates"] if o["dmr"] else None,
                                "record_routing": o["pg"]}
         self.utilisation: Tensor | None = None
+        self._rho = 0.0
 
     # --- state ---------------------------------------------------------------------------
     def state_dict(self):
@@ -91,21 +92,30 @@ class UBSMoE(Strategy):
         phis = [p for n, p in model.named_parameters() if is_phi(n)]
         return sum(rm.range_penalty(p, o["phi_min"], o["phi_max"], o["lam"]) for p in phis)
 
-    @torch.no_grad()
-    def after_backward(self, model, plan: ClientPlan) -> None:
+    def configure_model(self, model, plan: ClientPlan | None) -> None:
+        """PG runs as a gradient hook on each layer's expert-LoRA tensors: it sees the whole
+        layer's gradient before DeepSpeed takes it (ZeRO 1/2 move gradients out of `p.grad`
+        during backward), so it works at every ZeRO stage."""
         if not self.options["pg"]:
             return
-        rho_c = rm.rho(plan.top_k, self.model.num_experts, self.options["rho"])
-        for block in _moe_blocks(model):
+        self._rho = rm.rho(plan.top_k, self.model.num_experts, self.options["rho"]) if plan else 0.0
+        hooked = getattr(model, "_fedmoe_pg_hooks", None)
+        if hooked is None:
+            hooked = model._fedmoe_pg_hooks = []
+            for block in _moe_blocks(model):
+                for name in EXPERT_LORA:
+                    p = getattr(block, name, None)
+                    if p is not None:
+                        hooked.append(p.register_hook(self._pseudo_gradient_hook(block)))
+
+    def _pseudo_gradient_hook(self, block):
+        def hook(grad: Tensor) -> Tensor:
             routing = block.last_routing
-            if routing is None:
-                continue
-            for name in EXPERT_LORA:
-                p = getattr(block, name, None)
-                if p is None or p.grad is None:
-                    continue
-                p.grad.add_(rm.pseudo_gradients(p.grad, routing.indices, routing.probs, rho_c,
-                                                self.options["pg_scope"]).to(p.grad.dtype))
+            if routing is None or self._rho == 0.0:
+                return grad
+            return grad + rm.pseudo_gradients(grad, routing.indices, routing.probs, self._rho,
+                                              self.options["pg_scope"]).to(grad.dtype)
+        return hook
 
     # --- aggregation ----------------------------------------------------------------------
     def contribution(self, update: ClientUpdate):

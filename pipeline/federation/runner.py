@@ -19,7 +19,7 @@ from pipeline import checkpoint
 from pipeline.algorithms import STRATEGIES, ClientUpdate, ModelInfo, Strategy, build_strategy
 from pipeline.config import Config, Tier, dump_config, load_config, resolve_tiers
 from pipeline.engine.client import ClientEngine, init_distributed
-from pipeline.errors import ConfigError, UserError
+from pipeline.errors import UserError
 from pipeline.eval.metrics import MetricsLogger, round_table
 from pipeline.eval.report import balance_stats, write_report
 from pipeline.eval.scoring import evaluate_choices
@@ -76,11 +76,6 @@ def apply_model_features(model, strategy: Strategy, cfg: Config) -> None:
     if features.get("routing_modulation"):
         enable_routing_modulation(model, features["routing_modulation"])
     if features.get("record_routing"):
-        # Pseudo-gradients edit p.grad between backward and step; ZeRO 2/3 partition the
-        # gradients during backward, so p.grad is gone by then.
-        if cfg.deepspeed.zero_stage >= 2:
-            raise ConfigError(f"deepspeed.zero_stage: {strategy.name} with pseudo-gradients needs "
-                              f"stage 0 or 1, got {cfg.deepspeed.zero_stage}")
         set_record_routing(model, True)
 
 

@@ -95,3 +95,33 @@ def test_base_weights_stay_frozen():
     for k, v in frozen.items():
         assert torch.equal(after[k], v), k
     assert expert_token_counts(engine.model).shape == (2, 8)
+
+
+def test_pseudo_gradients_work_at_every_zero_stage():
+    """PG runs as a tensor hook, so ZeRO 2 (which takes p.grad during backward) gets it too."""
+    from pipeline.algorithms import ModelInfo, build_strategy
+    from pipeline.config import Tier
+    from pipeline.model.routing import enable_routing_modulation, moe_blocks, set_record_routing
+
+    tier = Tier(0, "low", 0.25, 1, 4, 1.0)
+    results = {}
+    for stage in (0, 2):
+        model = _model()
+        enable_routing_modulation(model, 6)
+        set_record_routing(model, True)
+        strategy = build_strategy("ubsmoe", {}, ModelInfo(2, 8, 4, 4, 8.0), [tier])
+        strategy.init_state(_adapters(model, 7))
+        engine = ClientEngine(model, TRAIN, DeepSpeedConfig(zero_stage=stage))
+        plan = strategy.plan(0, 1, tier, seed=0)
+        strategy.configure_model(engine.model, plan)
+        batches = _batches(7, 1)
+        result = engine.train(plan.adapters, 1, 4, batches,
+                              extra_loss=lambda m: strategy.extra_loss(m, plan))
+        results[stage] = result
+        unused = result.expert_token_counts[0] == 0
+        assert unused.any()
+        key = next(k for k in result.adapters if "layers.0.mlp.lora_down_A" in k)
+        moved = (result.adapters[key] - plan.adapters[key]).flatten(1).abs().sum(1)
+        assert torch.all(moved[unused] > 0), stage  # experts no token used still learn
+        assert len(moe_blocks(engine.model)) == 2
+    _assert_same(results[2].adapters, results[0].adapters, rtol=1e-5, atol=1e-5)

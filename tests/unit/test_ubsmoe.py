@@ -1,5 +1,6 @@
 """UB-SMoE strategy: server update and expert-wise aggregation against direct computations,
 and the pseudo-gradient hook on a real block."""
+import copy
 import math
 
 import torch
@@ -84,6 +85,7 @@ def test_pg_hook_gives_gradients_to_inactive_experts_only_scaled_by_rho():
                   num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
                   max_position_embeddings=64, eos_token_id=None, pad_token_id=0)
     info = ModelInfo(1, 16, 4, 2, 4.0)
+    tier = Tier(0, "low", 0.25, 1, 2, 1.0)
     model = patch_olmoe(build_model(config, seed=0), lora_rank=2, lora_alpha=4.0)
     with torch.no_grad():  # non-zero B so that active experts' A get gradients
         for p in model.parameters():
@@ -93,17 +95,21 @@ def test_pg_hook_gives_gradients_to_inactive_experts_only_scaled_by_rho():
     set_record_routing(model, True)
     set_top_k(model, 1)
     ids = torch.randint(1, 64, (1, 4), generator=torch.Generator().manual_seed(0))
-    model(ids, labels=ids).loss.backward()
-    block = moe_blocks(model)[0]
-    active = block.token_counts > 0
-    before = block.lora_down_A.grad.clone()
+
+    def grad_with(rho_kind):
+        m = copy.deepcopy(model)
+        if rho_kind is not None:
+            s = build_strategy("ubsmoe", {"rho": rho_kind}, info, [tier])
+            s.configure_model(m, s.plan(0, 1, tier, seed=0))
+        m(ids, labels=ids).loss.backward()
+        block = moe_blocks(m)[0]
+        return block.lora_down_A.grad, block.token_counts > 0
+
+    before, active = grad_with(None)
     assert torch.all(before[~active] == 0) and before[active].abs().sum() > 0
     added = {}
     for rho_kind in ("sparsity", "inverse"):
-        s = build_strategy("ubsmoe", {"rho": rho_kind}, info, [Tier(0, "low", 0.25, 1, 2, 1.0)])
-        block.lora_down_A.grad.copy_(before)
-        s.after_backward(model, s.plan(0, 1, s.tiers[0], seed=0))
-        after = block.lora_down_A.grad
+        after, _ = grad_with(rho_kind)
         assert torch.equal(after[active], before[active])  # active experts untouched
         assert torch.all(after[~active].flatten(1).abs().sum(1) > 0)  # every inactive expert moved
         added[rho_kind] = after - before
