@@ -1,7 +1,7 @@
 """OLMoE-1B-7B scale on one GPU: local-step time and peak memory of our DeepSpeed client per tier.
 
-A randomly initialised OLMoE-1B-7B (transformers' default OlmoeConfig: 16 layers, 64 experts,
-top-8, hidden 2048) in bf16, patched with our block and LoRA, trained through the same
+A randomly initialised OLMoE-1B-7B (its published config: 16 layers, 64 experts of
+intermediate 1024, top-8, hidden 2048) in bf16, patched with our block and LoRA, trained through the same
 `ClientEngine` a federated client uses (DeepSpeed bf16, ZeRO from --zero). For each top-k it
 prints the measured step time and its ratio to K_max beside the FLOP ratio counted from the
 routed tokens, and the peak GPU memory. Ratios, not assertions. Needs a CUDA GPU (about 40 GB).
@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--zero", type=int, default=0)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than 16 for a quick look")
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/olmoe_scale.py needs a CUDA GPU")
@@ -36,8 +37,9 @@ def main() -> None:
     from pipeline.config import DeepSpeedConfig, TrainConfig
     from pipeline.engine.client import ClientEngine, init_distributed
     from pipeline.model import adapter_parameters, flops_per_token, init_adapter_state, patch_olmoe
+    from pipeline.model.build import OLMOE_1B_7B
 
-    config = OlmoeConfig()  # the OLMoE-1B-7B architecture
+    config = OlmoeConfig(**OLMOE_1B_7B)
     if args.layers:
         config.num_hidden_layers = args.layers
     torch.manual_seed(0)
@@ -47,6 +49,8 @@ def main() -> None:
             for layer in model.model.layers:  # transformers may start the router at zero
                 layer.mlp.gate.weight.normal_(0, 0.02)
     patch_olmoe(model, lora_rank=args.rank, lora_alpha=2.0 * args.rank)
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     adapters = sum(p.numel() for p in adapter_parameters(model).values())
     print(f"OLMoE-1B-7B architecture, {config.num_hidden_layers} layers: {base / 1e9:.2f} B frozen "

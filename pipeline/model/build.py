@@ -75,3 +75,12 @@ def patch_olmoe(model: OlmoeForCausalLM, lora_rank: int = 8, lora_alpha: float =
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_name(name))
     return model
+
+
+# allenai/OLMoE-1B-7B-0924's config.json (6.9 B parameters, 1.3 B active); transformers'
+# default OlmoeConfig differs (intermediate 2048), so scale tools build from this.
+OLMOE_1B_7B = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                   num_attention_heads=16, num_key_value_heads=16, num_experts=64,
+                   num_experts_per_tok=8, max_position_embeddings=4096, rope_theta=10000.0,
+                   rms_norm_eps=1e-5, norm_topk_prob=False, clip_qkv=None, pad_token_id=1,
+                   eos_token_id=50279, tie_word_embeddings=False)
