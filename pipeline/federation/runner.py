@@ -298,6 +298,8 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
     fed.metrics.log("run", status="finished", round=rounds)
     fed.metrics.close()
     report = write_report(run_dir)
+    if torch.distributed.is_initialized():  # NCCL warns about leaked resources otherwise
+        torch.distributed.destroy_process_group()
     console.print(f"[bold]done[/]: adapters in {final}/adapter.safetensors, report in {report}")
     return final
 
