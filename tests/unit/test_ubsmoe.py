@@ -115,3 +115,38 @@ def test_pg_hook_gives_gradients_to_inactive_experts_only_scaled_by_rho():
         added[rho_kind] = after - before
     ratio = (1 - 1 / 16) / (16 / 1)
     torch.testing.assert_close(added["sparsity"], ratio * added["inverse"], rtol=1e-4, atol=1e-8)
+
+
+def test_dmr_server_loop_moves_load_toward_uniform_on_a_skewed_router():
+    from pipeline.algorithms import routing_math as rm
+
+    config = dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=8,
+                  max_position_embeddings=64, eos_token_id=None, pad_token_id=0)
+    model = patch_olmoe(build_model(config, seed=0), lora_rank=2, lora_alpha=4.0)
+    set_top_k(model, 2)
+    enable_routing_modulation(model, 4)
+    block = moe_blocks(model)[0]
+    gen = torch.Generator().manual_seed(0)
+    direction = torch.randn(32, generator=gen)
+    x = torch.randn(2000, 32, generator=gen) + direction
+    with torch.no_grad():  # experts 0-3 lean towards the tokens' shared direction: overused
+        block.gate.weight.copy_(torch.randn(16, 32, generator=gen) * 0.3)
+        block.gate.weight[:4] += 0.3 * direction / direction.norm()
+
+    def load():
+        block.token_counts.zero_()
+        with torch.no_grad():
+            block(x[None])
+        return block.token_counts.double()
+
+    cv = lambda c: (c.std(unbiased=False) / c.mean()).item()  # noqa: E731
+    start = load()
+    counts = start
+    for _ in range(10):  # the server's update, clients keeping the broadcast phi
+        raw = rm.phi_raw(counts / len(x), u_star=2 / 16)
+        with torch.no_grad():
+            block.phi.copy_(rm.momentum_phi(block.phi.double(), raw, zeta=0.9).float())
+        counts = load()
+    assert cv(counts) < 0.9 * cv(start)
+    assert torch.all(block.phi[start > 2 * start.mean()] < 0)  # overused experts pushed down
