@@ -42,6 +42,7 @@ class TierConfig:
     share: float = 1.0  # relative share of clients in this tier
     top_k: int | None = None  # default floor(K_max * budget), at least 1
     lora_rank: int | None = None  # default max(1, round(rank * budget)); used by low-rank methods
+    ranks: int = 1  # MPI ranks (GPUs) per client group of this tier; one group = one DeepSpeed engine
 
 
 @dataclass
@@ -50,6 +51,8 @@ class FederationConfig:
     clients_per_round: int = 4
     rounds: int = 10
     min_clients: int = 1  # a round with fewer accepted updates fails
+    master_port: int | None = None  # under MPI: group i's torch.distributed port is this + i (None: a free port)
+    collective_timeout: float = 1800.0  # seconds a cross-group collective may wait before aborting the job; 0: never
 
 
 @dataclass
@@ -283,6 +286,7 @@ def validate(cfg: Config) -> None:
         _check(tier.top_k is None or tier.top_k >= 1, f"tiers.{i}.top_k", f"must be >= 1, got {tier.top_k}")
         _check(tier.lora_rank is None or 1 <= tier.lora_rank <= cfg.model.lora.rank,
                f"tiers.{i}.lora_rank", f"must be in [1, model.lora.rank={cfg.model.lora.rank}]")
+        _check(tier.ranks >= 1, f"tiers.{i}.ranks", f"must be >= 1, got {tier.ranks}")
     fed = cfg.federation
     _check(fed.rounds >= 1, "federation.rounds", f"must be >= 1, got {fed.rounds}")
     _check(fed.clients >= 1, "federation.clients", f"must be >= 1, got {fed.clients}")
@@ -290,6 +294,9 @@ def validate(cfg: Config) -> None:
            f"must be in [1, federation.clients={fed.clients}], got {fed.clients_per_round}")
     _check(1 <= fed.min_clients <= fed.clients_per_round, "federation.min_clients",
            f"must be in [1, clients_per_round={fed.clients_per_round}], got {fed.min_clients}")
+    _check(fed.master_port is None or 1024 <= fed.master_port <= 65000, "federation.master_port",
+           f"must be in [1024, 65000], got {fed.master_port}")
+    _check(fed.collective_timeout >= 0, "federation.collective_timeout", "must be >= 0 (0: no limit)")
     tr = cfg.train
     _check(tr.local_steps >= 1, "train.local_steps", f"must be >= 1, got {tr.local_steps}")
     _check(tr.batch_size >= 1, "train.batch_size", f"must be >= 1, got {tr.batch_size}")
