@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import DeepSpeedConfig, TrainConfig
+from pipeline.engine import data_parallel as dp
 from pipeline.model import (adapter_parameters, expert_token_counts, reset_expert_token_counts,
                             set_lora_rank, set_top_k)
 
@@ -47,10 +48,13 @@ def init_distributed(rank: int = 0, world_size: int = 1, local_rank: int = 0,
 
 
 def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: int) -> dict:
+    # A client's batch is split over the group's ranks (data_parallel.py); these numbers are
+    # DeepSpeed's bookkeeping only, since we feed the batches ourselves.
+    micro = -(-train.batch_size // world_size)
     config = {
-        "train_micro_batch_size_per_gpu": train.batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": 1,
-        "train_batch_size": train.batch_size * world_size,
+        "train_batch_size": micro * world_size,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": ds.zero_stage},
         "bf16": {"enabled": train.precision == "bf16"},
@@ -80,12 +84,21 @@ class LocalResult:
 
 
 class ClientEngine:
-    """Trains the adapters of one model through a DeepSpeed engine, one client at a time."""
+    """Trains the adapters of one model through a DeepSpeed engine, one client at a time.
+
+    The engine spans this process's torch.distributed world (one client group): with more than
+    one rank it is data-parallel, every rank taking its shard of each batch (data_parallel.py).
+    """
 
     def __init__(self, model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig,
-                 world_size: int = 1):
+                 world_size: int | None = None):
         import deepspeed
+        import torch.distributed as dist
 
+        if world_size is None:
+            world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.dp_size = world_size
+        self.dp_rank = dist.get_rank() if world_size > 1 else 0
         self.train_cfg = train
         self.params = adapter_parameters(model)
         optimizer = torch.optim.AdamW(list(self.params.values()), lr=train.lr,
@@ -138,11 +151,21 @@ class ClientEngine:
         self.engine.train()
         losses = []
         device = self.engine.device
+        counts = dp.count_buffers(self.model) if self.dp_size > 1 else []
         for step, batch in enumerate(batches):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = self.engine(**batch).loss
+            if self.dp_size > 1:
+                batch, n_tokens = dp.shard_batch(batch, self.dp_rank, self.dp_size)
+                before = [c.clone() for c in counts]
+                labels = batch.pop("labels").to(device)
+                logits = self.engine(**{k: v.to(device) for k, v in batch.items()}).logits
+                dp.sum_new_counts(counts, before)
+                loss = dp.token_loss_sum(logits, labels) / max(n_tokens, 1)  # this shard's share
+                scaled = loss * self.dp_size  # DeepSpeed divides the gradient sum by dp_size
+            else:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                loss = scaled = self.engine(**batch).loss
             extra = extra_loss(self.model) if extra_loss else None
-            total = loss + extra if extra is not None else loss
+            total = scaled + extra if extra is not None else scaled
             self.engine.backward(total)
             if after_backward:
                 after_backward(self.model)
@@ -150,5 +173,7 @@ class ClientEngine:
             losses.append(loss.item())
             if on_step:
                 on_step(step + 1, losses[-1])
+        if self.dp_size > 1:
+            losses = dp.group_mean_losses(losses, device)  # the whole batch's mean, every rank
         return LocalResult(self.read_adapters(), expert_token_counts(self.model).clone(), losses,
                            time.perf_counter() - start)

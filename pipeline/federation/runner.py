@@ -18,14 +18,16 @@ from safetensors.torch import save_file
 from pipeline import checkpoint
 from pipeline.algorithms import STRATEGIES, ClientUpdate, ModelInfo, Strategy, build_strategy
 from pipeline.config import Config, Tier, dump_config, load_config, resolve_tiers
-from pipeline.engine.client import ClientEngine, init_distributed
+from pipeline.engine.client import ClientEngine
 from pipeline.errors import UserError
 from pipeline.eval.metrics import MetricsLogger, round_table
 from pipeline.eval.report import balance_stats, write_report
 from pipeline.eval.scoring import evaluate_choices
+from pipeline.federation.distributed import GroupMetrics, reduce_round
 from pipeline.federation.inputs import FederatedData, load_federated_data, load_patched_model
 from pipeline.federation.sampling import (ADAPTER_INIT, LOCAL_DATA, assign_tiers, derive_seed,
                                           local_batches, sample_clients)
+from pipeline.federation.topology import Topology, current_topology
 from pipeline.model import (flops_per_token, init_adapter_state, load_adapter_state, save_merged,
                             set_base_delta, set_lora_rank, set_top_k)
 from pipeline.model.routing import enable_routing_modulation, set_record_routing
@@ -51,6 +53,11 @@ class Federation:
     strategy: Strategy
     metrics: MetricsLogger
     tier_stats: dict = field(default_factory=dict)
+    topology: Topology | None = None  # this rank's client group under MPI (None: one process)
+
+    @property
+    def writes(self) -> bool:  # only world rank 0 writes metrics, checkpoints and outputs
+        return self.topology is None or self.topology.writes
 
 
 def setup(cfg: Config):
@@ -81,11 +88,15 @@ def apply_model_features(model, strategy: Strategy, cfg: Config) -> None:
 
 def build(cfg: Config, run_dir: Path, resume_offset: int | None, parts=None) -> Federation:
     model, tokenizer, tiers, strategy, data = parts or setup(cfg)
-    init_distributed()
+    topology = current_topology(cfg)
+    topology.init_torch(cfg.federation.master_port)  # this group's own torch.distributed world
     engine = ClientEngine(model, cfg.train, cfg.deepspeed)
-    metrics = MetricsLogger(run_dir, resume_offset=resume_offset, tensorboard=cfg.logging.tensorboard)
+    metrics = (MetricsLogger(run_dir, resume_offset=resume_offset, tensorboard=cfg.logging.tensorboard)
+               if topology.writes else None)
+    if topology.distributed:
+        metrics = GroupMetrics(metrics)
     return Federation(cfg, run_dir, tiers, assign_tiers(cfg.federation.clients, tiers, cfg.seed),
-                      data, tokenizer, engine, strategy, metrics)
+                      data, tokenizer, engine, strategy, metrics, topology=topology)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +155,9 @@ def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
     load: dict[str, torch.Tensor] = {}
     accepted, updates = [], []
     plan_shapes = strategy.global_adapters  # updates must match the global adapters' keys and shapes
-    for client in clients:
+    mine = clients if fed.topology is None else fed.topology.my_clients(
+        clients, [t.name for t in fed.client_tiers])  # under MPI: this group's share
+    for client in mine:
         try:
             update = train_client(fed, client, round_, progress)
         except (RuntimeError, ValueError, FloatingPointError) as exc:  # one bad client must not end the round
@@ -162,6 +175,9 @@ def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
         load[tier] = load.get(tier, 0) + update.expert_token_counts
         fed.metrics.log("client", round=round_, client=client, tier=tier, top_k=update.top_k,
                         lora_rank=update.lora_rank, n_samples=update.n_samples, **update.metrics)
+    if fed.topology is not None:  # every group's sums, loads and updates, identical on all ranks
+        sums, load, accepted, updates = reduce_round(fed.topology, cfg.federation.collective_timeout,
+                                                     fed.metrics, sums, load, accepted, updates)
     if len(accepted) < cfg.federation.min_clients:
         raise RoundFailed(f"round {round_}: {len(accepted)} of {len(clients)} clients reported, "
                           f"federation.min_clients={cfg.federation.min_clients}")
@@ -218,6 +234,8 @@ def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: Federated
 
 
 def evaluate(fed: Federation, round_: int) -> list[dict]:
+    if not fed.writes:  # other ranks hold the same state; rank 0 evaluates it
+        return []
     rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data, fed.cfg.eval.batch_size,
                           round_, fed.engine.load_adapters)
     for row in rows:
@@ -231,6 +249,8 @@ def evaluate(fed: Federation, round_: int) -> list[dict]:
 
 
 def save_round(fed: Federation, round_: int) -> None:
+    if not fed.writes:
+        return
     state = fed.strategy.state_dict()
     checkpoint.save_checkpoint(fed.run_dir, round_, state["tensors"],
                                {"strategy": state["meta"], "metrics_offset": fed.metrics.offset(),
@@ -241,6 +261,8 @@ def save_round(fed: Federation, round_: int) -> None:
 def write_final(fed: Federation) -> Path:
     """final/adapter.safetensors (+ base_delta.safetensors for merging methods), final/model/."""
     final = fed.run_dir / "final"
+    if not fed.writes:
+        return final
     tmp = fed.run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -275,11 +297,12 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
     if state is not None:
         fed.strategy.load_state_dict(state)
     fed.metrics.log("run", status="resumed" if state else "started", round=start_round)
-    progress = _progress(cfg.logging.progress)
+    show = cfg.logging.progress and fed.writes
+    progress = _progress(show)
     previous: dict[str, float] = {}
     if state is None:
         rows = evaluate(fed, 0)
-        _print_table(rows, previous, fed.data.chance, 0, cfg.logging.progress)
+        _print_table(rows, previous, fed.data.chance, 0, show)
         save_round(fed, 0)
         start_round = 1
     rounds = cfg.federation.rounds
@@ -289,7 +312,7 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
             run_round(fed, round_, progress)
             if round_ % cfg.eval.every == 0 or round_ == rounds:
                 rows = evaluate(fed, round_)
-                _print_table(rows, previous, fed.data.chance, round_, cfg.logging.progress)
+                _print_table(rows, previous, fed.data.chance, round_, show)
             if round_ % cfg.checkpoint.every == 0 or round_ == rounds:
                 save_round(fed, round_)
             if progress:
@@ -297,10 +320,11 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
     final = write_final(fed)
     fed.metrics.log("run", status="finished", round=rounds)
     fed.metrics.close()
-    report = write_report(run_dir)
     if torch.distributed.is_initialized():  # NCCL warns about leaked resources otherwise
         torch.distributed.destroy_process_group()
-    console.print(f"[bold]done[/]: adapters in {final}/adapter.safetensors, report in {report}")
+    if fed.writes:
+        report = write_report(run_dir)
+        console.print(f"[bold]done[/]: adapters in {final}/adapter.safetensors, report in {report}")
     return final
 
 
@@ -332,11 +356,14 @@ def start_run(cfg: Config, out: Path, overwrite: bool) -> Path:
         raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
     if occupied and not (out / "config.yaml").is_file():
         raise UserError(f"{out}: not a fedmoe run directory; refusing to overwrite it")
+    topology = current_topology(cfg)  # ranks that cannot hold the tiers' groups: an error here
     parts = setup(cfg)  # every input is loaded and checked before anything is written
-    if occupied:
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    topology.barrier()  # under MPI every rank has checked `out` before rank 0 changes it
+    if topology.writes:
+        if occupied:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
     return execute(cfg, out, start_round=0, resume_offset=None, state=None, parts=parts)
 
 

@@ -1,0 +1,132 @@
+"""Cross-group sums of Strategy contributions: one buffer per dtype, one MPI Allreduce.
+
+Each group sums its own clients' `contribution` tensors (runner). The group leaders then agree
+on the union of keys, shapes and dtypes (one small `allgather` of key lists), pack their sums
+into one contiguous buffer per wire dtype in sorted-key order (so every group packs the same
+layout; a key a group lacks is zeros), sum the buffers with `Allreduce(IN_PLACE)` on numpy
+views (tensors are never pickled), and broadcast the result inside their group. Every rank
+then holds identical sums, so `strategy.finalize(sums)` makes identical global state.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+# MPI sums these natively. Half types travel as float32 (MPI has no portable half-precision
+# sum) and come back in their own dtype.
+_WIRE = {torch.float64: np.float64, torch.float32: np.float32, torch.float16: np.float32,
+         torch.bfloat16: np.float32, torch.int64: np.int64, torch.int32: np.int32}
+_DTYPES = {str(d): d for d in _WIRE}
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name, e.g. "torch.float64"
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def wire(self) -> np.dtype:
+        return np.dtype(_WIRE[_DTYPES[self.dtype]])
+
+
+def local_spec(sums: Mapping[str, Tensor]) -> list[Entry]:
+    spec = []
+    for key in sorted(sums):
+        value = sums[key]
+        if value.dtype not in _WIRE:
+            raise TypeError(f"contribution {key!r}: dtype {value.dtype} cannot be summed across groups")
+        spec.append(Entry(key, tuple(value.shape), str(value.dtype)))
+    return spec
+
+
+def union_spec(specs: Sequence[Sequence[Entry]]) -> list[Entry]:
+    """All groups' keys, sorted; a key must have one shape and dtype everywhere."""
+    seen: dict[str, Entry] = {}
+    for spec in specs:
+        for entry in spec:
+            other = seen.setdefault(entry.key, entry)
+            if other != entry:
+                raise ValueError(f"contribution {entry.key!r} differs between client groups: "
+                                 f"{other.shape} {other.dtype} vs {entry.shape} {entry.dtype}")
+    return [seen[k] for k in sorted(seen)]
+
+
+def buffer_sizes(spec: Sequence[Entry]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for entry in spec:
+        sizes[entry.wire.str] = sizes.get(entry.wire.str, 0) + entry.numel
+    return sizes
+
+
+def empty_buffers(spec: Sequence[Entry]) -> dict[str, np.ndarray]:
+    return {wire: np.zeros(n, dtype=np.dtype(wire)) for wire, n in sorted(buffer_sizes(spec).items())}
+
+
+def pack(sums: Mapping[str, Tensor], spec: Sequence[Entry]) -> dict[str, np.ndarray]:
+    """One flat buffer per wire dtype, entries in spec order; keys absent from `sums` stay 0."""
+    unknown = set(sums) - {e.key for e in spec}
+    if unknown:
+        raise KeyError(f"keys not in the agreed layout: {sorted(unknown)[:3]}")
+    buffers = empty_buffers(spec)
+    offsets = dict.fromkeys(buffers, 0)
+    for entry in spec:
+        wire = entry.wire.str
+        start = offsets[wire]
+        offsets[wire] = start + entry.numel
+        value = sums.get(entry.key)
+        if value is None:
+            continue
+        if tuple(value.shape) != entry.shape:
+            raise ValueError(f"{entry.key}: shape {tuple(value.shape)}, layout says {entry.shape}")
+        flat = value.detach().reshape(-1).to(device="cpu", dtype=_torch_dtype(entry.wire))
+        torch.from_numpy(buffers[wire][start:start + entry.numel]).copy_(flat)
+    return buffers
+
+
+def unpack(buffers: Mapping[str, np.ndarray], spec: Sequence[Entry]) -> dict[str, Tensor]:
+    """The tensors back from the buffers (fresh memory, original dtypes and shapes)."""
+    out: dict[str, Tensor] = {}
+    offsets = dict.fromkeys(buffers, 0)
+    for entry in spec:
+        wire = entry.wire.str
+        start = offsets[wire]
+        offsets[wire] = start + entry.numel
+        view = torch.from_numpy(buffers[wire][start:start + entry.numel]).reshape(entry.shape)
+        out[entry.key] = view.to(_DTYPES[entry.dtype], copy=True)
+    return out
+
+
+def _torch_dtype(wire: np.dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(0, dtype=wire)).dtype
+
+
+def allreduce_sums(sums: Mapping[str, Tensor], spec: Sequence[Entry], group_comm, leaders) -> dict[str, Tensor]:
+    """Sum `sums` over all groups: Allreduce among leaders (`leaders` is None on other ranks),
+    then Bcast from each leader to its group. `spec` must be the agreed union on every rank."""
+    from mpi4py import MPI
+
+    buffers = pack(sums, spec) if leaders is not None else empty_buffers(spec)
+    for wire in sorted(buffers):  # same order on every rank
+        buf = buffers[wire]
+        if leaders is not None:
+            leaders.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        if group_comm is not None and group_comm.Get_size() > 1:
+            group_comm.Bcast(buf, root=0)
+    return unpack(buffers, spec)
+
+
+def agree(local: Any, group_comm, leaders) -> list[Any]:
+    """Every group leader's `local` object (small metadata only), on every rank, in group order."""
+    gathered = leaders.allgather(local) if leaders is not None else None
+    if group_comm is not None and group_comm.Get_size() > 1:
+        gathered = group_comm.bcast(gathered, root=0)
+    return gathered

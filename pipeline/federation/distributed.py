@@ -1,0 +1,121 @@
+"""The round loop's MPI glue: who logs, the end-of-round collective, and a watchdog.
+
+`runner.run_round` trains only this group's clients and then calls `reduce_round`, which
+replaces the group's sums, expert loads, accepted clients and updates with the whole world's.
+Only world rank 0 writes files: the other ranks' `client`/`reject` events travel with the
+round's collective and rank 0 logs them in client order, as the single-process run does.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import threading
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pipeline.algorithms import ClientUpdate
+from pipeline.federation.collectives import agree, allreduce_sums, local_spec, union_spec
+
+_LOAD = "\x00load/"  # expert loads per tier ride in the same buffer as the contributions
+
+
+class GroupMetrics:
+    """MetricsLogger front for a multi-rank run: rank 0 holds the logger, other ranks None.
+
+    Per-client events wait in `pending` until the round's collective carries them to rank 0.
+    """
+
+    PER_CLIENT = ("client", "reject")
+
+    def __init__(self, logger=None):
+        self.logger = logger
+        self.pending: list[tuple[str, dict]] = []
+
+    def log(self, event: str, **fields: Any) -> None:
+        if event in self.PER_CLIENT:
+            self.pending.append((event, fields))
+        elif self.logger is not None:
+            self.logger.log(event, **fields)
+
+    def take(self) -> list[tuple[str, dict]]:
+        pending, self.pending = self.pending, []
+        return pending
+
+    def offset(self) -> int:
+        return self.logger.offset() if self.logger is not None else 0
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close()
+
+
+class Watchdog:
+    """Aborts the whole MPI job when a collective waits longer than `limit` seconds.
+
+    A dead or stuck rank would otherwise leave every other rank blocked forever. The wait
+    includes the slowest group's local training, so the limit is generous by default.
+    """
+
+    def __init__(self, limit: float, comm, rank: int):
+        self.limit, self.comm, self.rank = limit, comm, rank
+
+    @contextmanager
+    def guard(self, what: str):
+        if not self.limit or self.comm is None:
+            yield
+            return
+        done = threading.Event()
+        thread = threading.Thread(target=self._watch, args=(done, what), daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+
+    def _watch(self, done: threading.Event, what: str) -> None:
+        if done.wait(self.limit):
+            return
+        sys.stderr.write(f"fedmoe: rank {self.rank}: {what} waited more than {self.limit:g} s "
+                         f"(federation.collective_timeout): another rank is stuck or dead; "
+                         f"aborting the MPI job\n")
+        sys.stderr.flush()
+        self.comm.Abort(3)
+
+
+def _summary(update: ClientUpdate) -> ClientUpdate:
+    """An update without its tensors, for the metadata gather (counts as a numpy array)."""
+    return dataclasses.replace(update, adapters={}, extras={},
+                               expert_token_counts=update.expert_token_counts.numpy())
+
+
+def reduce_round(topology, timeout: float, metrics, sums: dict[str, Tensor],
+                 load: dict[str, Tensor], accepted: list[int], updates: list[ClientUpdate]):
+    """This group's round results -> the world's: (sums, load, accepted, updates), identical on
+    every rank. Events of every group are logged by world rank 0, in client order. A
+    collective that waits longer than `timeout` seconds (0: no limit) aborts the job."""
+    if not topology.distributed:
+        return sums, load, accepted, updates
+    watchdog = Watchdog(timeout, topology.world, topology.rank)
+    local = dict(sums)
+    local.update({_LOAD + tier: counts for tier, counts in load.items()})
+    events = metrics.take() if isinstance(metrics, GroupMetrics) else []
+    mine = {"spec": local_spec(local), "accepted": accepted, "events": events,
+            "updates": [_summary(u) for u in updates]}
+    with watchdog.guard("the end-of-round metadata allgather"):
+        groups = agree(mine, topology.group_comm, topology.leaders)
+    spec = union_spec([g["spec"] for g in groups])
+    with watchdog.guard("the cross-group Allreduce of client contributions"):
+        total = allreduce_sums(local, spec, topology.group_comm, topology.leaders)
+    load = {k[len(_LOAD):]: v for k, v in total.items() if k.startswith(_LOAD)}
+    sums = {k: v for k, v in total.items() if not k.startswith(_LOAD)}
+    accepted = sorted(c for g in groups for c in g["accepted"])
+    updates = sorted((dataclasses.replace(u, expert_token_counts=torch.from_numpy(u.expert_token_counts))
+                      for g in groups for u in g["updates"]), key=lambda u: u.client_id)
+    if isinstance(metrics, GroupMetrics) and metrics.logger is not None:
+        every = [(e, f) for g in groups for e, f in g["events"]]
+        for event, fields in sorted(every, key=lambda ef: ef[1].get("client", -1)):
+            metrics.logger.log(event, **fields)
+    return sums, load, accepted, updates
