@@ -34,6 +34,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/moe_block.py
+	$(PY) bench/tier_step.py
 
 # Rebuilds the shipped tiny pretrained OLMoE (minutes on 2 cores); the result is committed.
 assets: $(STAMP)
