@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="extra override applied to every run (repeatable)")
 
+    plan = sub.add_parser("plan", help="print the MPI layout (client groups, their ranks and clients); runs nothing")
+    plan.add_argument("--config", default=None, help="YAML experiment (default: configs/default.yaml)")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field (repeatable)")
+    plan.add_argument("--ranks", type=int, required=True, help="MPI world size the run will have")
+    plan.add_argument("--rounds", type=int, default=3, help="rounds whose client assignment is shown")
+
     report = sub.add_parser("report", help="rewrite RUN/report.md and RUN/plots/ from metrics.jsonl")
     report.add_argument("run_dir")
     return parser
@@ -118,6 +125,17 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
             raise UserError(f"--jobs: must be >= 1, got {args.jobs}")
         command = "fedmoe compare " + " ".join(sys.argv[2:] if argv is None else argv[1:])
         compare(Path(args.spec), Path(args.out), args.jobs, args.overrides, command)
+        return 0
+    if args.command == "plan":
+        from rich.console import Console
+
+        from pipeline.federation.topology import plan_layout, plan_tables
+
+        cfg = load_config(args.config, args.overrides)
+        console = Console()
+        for table in plan_tables(cfg, plan_layout(cfg, args.ranks), args.rounds):
+            console.print(table)
+        console.print("launch: mpiexec -n %d python -m mpi4py -m pipeline.cli run --config ..." % args.ranks)
         return 0
     if args.command == "report":
         from pipeline.eval.report import write_report

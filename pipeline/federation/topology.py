@@ -226,3 +226,29 @@ def current_topology(cfg: Config) -> Topology:
         layout = plan_layout(cfg, comm.Get_size() if comm is not None else 1)
         _CURRENT = Topology(layout, comm)
     return _CURRENT
+
+
+def plan_tables(cfg: Config, layout: Layout, rounds: int = 3) -> list:
+    """Rich tables for `fedmoe plan`: the groups, and which clients each serves in the first
+    rounds (the same draw the run makes)."""
+    from rich.table import Table
+
+    from pipeline.federation.sampling import assign_tiers, sample_clients
+
+    groups = Table(title=f"{layout.world_size} rank(s) -> {len(layout.groups)} client group(s)")
+    for column in ("group", "tier", "world ranks", "ranks", "torch port"):
+        groups.add_column(column)
+    for row in layout_rows(layout, cfg):
+        groups.add_row(str(row["group"]), row["tier"], row["ranks"], str(row["size"]), row["port"])
+    fed = cfg.federation
+    client_tiers = [t.name for t in assign_tiers(fed.clients, cfg.tiers, cfg.seed)]
+    served = Table(title="clients per group (client:tier)")
+    served.add_column("round")
+    for g in layout.groups:
+        served.add_column(f"group {g.index}")
+    for round_ in range(1, min(rounds, fed.rounds) + 1):
+        clients = sample_clients(fed.clients, fed.clients_per_round, cfg.seed, round_)
+        per_group = layout.assign(clients, client_tiers)
+        served.add_row(str(round_), *(" ".join(f"{c}:{client_tiers[c]}" for c in cs) or "-"
+                                      for cs in per_group))
+    return [groups, served]
