@@ -1,0 +1,98 @@
+"""Packing contributions into per-dtype buffers: the layout every group agrees on."""
+import numpy as np
+import pytest
+import torch
+
+from pipeline.federation.collectives import (Entry, buffer_sizes, local_spec, pack, union_spec,
+                                             unpack)
+from pipeline.federation.distributed import GroupMetrics
+
+
+def _group(seed, keys):
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"sum/a": (3, 4), "sum/b": (5,), "weight": (1,), "counts": (2, 3), "half": (2, 2)}
+    dtypes = {"sum/a": torch.float64, "sum/b": torch.float32, "weight": torch.float64,
+              "counts": torch.int64, "half": torch.bfloat16}
+    out = {}
+    for k in keys:
+        if dtypes[k] is torch.int64:
+            out[k] = torch.randint(0, 100, shapes[k], generator=gen)
+        else:
+            out[k] = torch.randn(shapes[k], generator=gen, dtype=torch.float64).to(dtypes[k])
+    return out
+
+
+def test_pack_unpack_round_trip_keeps_values_shapes_and_dtypes():
+    sums = _group(0, ["sum/a", "sum/b", "weight", "counts", "half"])
+    spec = local_spec(sums)
+    assert [e.key for e in spec] == sorted(sums)
+    buffers = pack(sums, spec)
+    # one contiguous buffer per wire dtype; bf16 travels as float32
+    assert sorted(buffers) == sorted({np.dtype(np.float64).str, np.dtype(np.float32).str,
+                                      np.dtype(np.int64).str})
+    assert buffers[np.dtype(np.float64).str].size == 12 + 1
+    assert buffers[np.dtype(np.float32).str].size == 5 + 4
+    back = unpack(buffers, spec)
+    for k, v in sums.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        assert torch.equal(back[k], v), k
+
+
+def test_summed_buffers_equal_the_direct_sum_with_missing_keys_as_zeros():
+    groups = [_group(1, ["sum/a", "weight", "counts"]),
+              _group(2, ["sum/a", "sum/b", "weight"]),
+              {}]  # a group whose clients all failed
+    spec = union_spec([local_spec(g) for g in groups])
+    assert [e.key for e in spec] == ["counts", "sum/a", "sum/b", "weight"]
+    packed = [pack(g, spec) for g in groups]
+    total = {w: sum(p[w] for p in packed) for w in packed[0]}  # what MPI.SUM computes
+    got = unpack(total, spec)
+    want = {}
+    for g in groups:
+        for k, v in g.items():
+            want[k] = want[k] + v if k in want else v.clone()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert got[k].dtype == want[k].dtype
+        torch.testing.assert_close(got[k], want[k], rtol=1e-15, atol=0)
+
+
+def test_unpacked_tensors_do_not_share_the_buffer():
+    sums = _group(3, ["sum/a"])
+    spec = local_spec(sums)
+    buffers = pack(sums, spec)
+    back = unpack(buffers, spec)
+    buffers[np.dtype(np.float64).str][:] = 0
+    assert torch.equal(back["sum/a"], sums["sum/a"])
+
+
+def test_conflicting_shapes_and_unsummable_dtypes_are_refused():
+    with pytest.raises(ValueError, match="sum/a"):
+        union_spec([[Entry("sum/a", (3,), "torch.float64")], [Entry("sum/a", (4,), "torch.float64")]])
+    with pytest.raises(TypeError, match="flag"):
+        local_spec({"flag": torch.tensor([True])})
+    spec = local_spec(_group(4, ["sum/a"]))
+    with pytest.raises(KeyError):
+        pack({"other": torch.zeros(1, dtype=torch.float64)}, spec)
+    with pytest.raises(ValueError, match="shape"):
+        pack({"sum/a": torch.zeros(4, 3, dtype=torch.float64)}, spec)
+    assert buffer_sizes(spec) == {np.dtype(np.float64).str: 12}
+
+
+def test_group_metrics_holds_client_events_for_the_collective():
+    class Sink:
+        def __init__(self):
+            self.events = []
+
+        def log(self, event, **fields):
+            self.events.append((event, fields))
+
+    sink = Sink()
+    writer, other = GroupMetrics(sink), GroupMetrics(None)
+    for m in (writer, other):
+        m.log("client", round=1, client=3)
+        m.log("reject", round=1, client=1, reason="x")
+        m.log("round", round=1)
+    assert sink.events == [("round", {"round": 1})]  # per-client events wait; others go straight
+    assert [e for e, _ in other.take()] == ["client", "reject"] and other.take() == []
+    assert other.offset() == 0
