@@ -58,13 +58,21 @@ class HetLoRA(HeteroRankStrategy):
         return self.options["lam"] * self.tail_norm(params, plan.lora_rank)
 
     def contribution(self, update: ClientUpdate):
+        norm = torch.sqrt(sum((p ** 2).sum() for p in self.products(update).values())).item()
+        out = zero_padded_sum(self, update, norm)
         if self.options["prune"]:
             before = self.tail_norm(self.factors_at_rank(self.global_adapters, update.lora_rank), update.lora_rank)
             after = self.tail_norm(update.adapters, update.lora_rank)
             if float(after) < float(before):
-                self.ranks[str(update.client_id)] = max(1, math.floor(self.options["gamma"] * update.lora_rank))
-        norm = torch.sqrt(sum((p ** 2).sum() for p in self.products(update).values())).item()
-        return zero_padded_sum(self, update, norm)
+                # The pruned rank travels in the sums (one key per client, so its sum is the value):
+                # contributions may be computed in another client group's process, and only
+                # finalize, which every process runs on the same sums, changes server state.
+                rank = max(1, math.floor(self.options["gamma"] * update.lora_rank))
+                out[f"prune/{update.client_id}"] = torch.tensor([float(rank)], dtype=torch.float64)
+        return out
 
     def finalize(self, sums):
         self.global_adapters = weighted_average(sums, self.global_adapters)
+        for key, value in sums.items():
+            if key.startswith("prune/"):
+                self.ranks[key[len("prune/"):]] = int(value.item())
