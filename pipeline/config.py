@@ -43,6 +43,7 @@ class TierConfig:
     top_k: int | None = None  # default floor(K_max * budget), at least 1
     lora_rank: int | None = None  # default max(1, round(rank * budget)); used by low-rank methods
     ranks: int = 1  # MPI ranks (GPUs) per client group of this tier; one group = one DeepSpeed engine
+    gpu_memory_gb: float = 80.0  # memory of each of its GPUs (GiB): `fedmoe plan` checks the estimate fits
 
 
 @dataclass
@@ -287,6 +288,7 @@ def validate(cfg: Config) -> None:
         _check(tier.lora_rank is None or 1 <= tier.lora_rank <= cfg.model.lora.rank,
                f"tiers.{i}.lora_rank", f"must be in [1, model.lora.rank={cfg.model.lora.rank}]")
         _check(tier.ranks >= 1, f"tiers.{i}.ranks", f"must be >= 1, got {tier.ranks}")
+        _check(tier.gpu_memory_gb > 0, f"tiers.{i}.gpu_memory_gb", f"must be > 0, got {tier.gpu_memory_gb}")
     fed = cfg.federation
     _check(fed.rounds >= 1, "federation.rounds", f"must be >= 1, got {fed.rounds}")
     _check(fed.clients >= 1, "federation.clients", f"must be >= 1, got {fed.clients}")
