@@ -67,8 +67,9 @@ def buffer_sizes(spec: Sequence[Entry]) -> dict[str, int]:
     return sizes
 
 
-def empty_buffers(spec: Sequence[Entry]) -> dict[str, np.ndarray]:
-    return {wire: np.zeros(n, dtype=np.dtype(wire)) for wire, n in sorted(buffer_sizes(spec).items())}
+def empty_buffers(spec: Sequence[Entry], fill: bool = True) -> dict[str, np.ndarray]:
+    make = np.zeros if fill else np.empty
+    return {wire: make(n, dtype=np.dtype(wire)) for wire, n in sorted(buffer_sizes(spec).items())}
 
 
 def pack(sums: Mapping[str, Tensor], spec: Sequence[Entry]) -> dict[str, np.ndarray]:
@@ -76,7 +77,7 @@ def pack(sums: Mapping[str, Tensor], spec: Sequence[Entry]) -> dict[str, np.ndar
     unknown = set(sums) - {e.key for e in spec}
     if unknown:
         raise KeyError(f"keys not in the agreed layout: {sorted(unknown)[:3]}")
-    buffers = empty_buffers(spec)
+    buffers = empty_buffers(spec, fill=False)  # every slot is written below: no zero pass
     offsets = dict.fromkeys(buffers, 0)
     for entry in spec:
         wire = entry.wire.str
@@ -84,6 +85,7 @@ def pack(sums: Mapping[str, Tensor], spec: Sequence[Entry]) -> dict[str, np.ndar
         offsets[wire] = start + entry.numel
         value = sums.get(entry.key)
         if value is None:
+            buffers[wire][start:start + entry.numel] = 0
             continue
         if tuple(value.shape) != entry.shape:
             raise ValueError(f"{entry.key}: shape {tuple(value.shape)}, layout says {entry.shape}")
@@ -93,7 +95,8 @@ def pack(sums: Mapping[str, Tensor], spec: Sequence[Entry]) -> dict[str, np.ndar
 
 
 def unpack(buffers: Mapping[str, np.ndarray], spec: Sequence[Entry]) -> dict[str, Tensor]:
-    """The tensors back from the buffers (fresh memory, original dtypes and shapes)."""
+    """The tensors back from the buffers, in their shapes and dtypes: views into the buffers
+    (no copy; the buffers belong to the result), except half types, converted back."""
     out: dict[str, Tensor] = {}
     offsets = dict.fromkeys(buffers, 0)
     for entry in spec:
@@ -101,7 +104,7 @@ def unpack(buffers: Mapping[str, np.ndarray], spec: Sequence[Entry]) -> dict[str
         start = offsets[wire]
         offsets[wire] = start + entry.numel
         view = torch.from_numpy(buffers[wire][start:start + entry.numel]).reshape(entry.shape)
-        out[entry.key] = view.to(_DTYPES[entry.dtype], copy=True)
+        out[entry.key] = view.to(_DTYPES[entry.dtype])  # a no-op unless the wire type differs
     return out
 
 

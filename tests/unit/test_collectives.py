@@ -57,13 +57,24 @@ def test_summed_buffers_equal_the_direct_sum_with_missing_keys_as_zeros():
         torch.testing.assert_close(got[k], want[k], rtol=1e-15, atol=0)
 
 
-def test_unpacked_tensors_do_not_share_the_buffer():
-    sums = _group(3, ["sum/a"])
+def test_pack_copies_the_tensors_and_unpack_views_the_buffer():
+    sums = _group(3, ["sum/a", "half"])
     spec = local_spec(sums)
     buffers = pack(sums, spec)
+    sums["sum/a"].zero_()  # the buffer holds its own copy (Allreduce writes into it)
     back = unpack(buffers, spec)
-    buffers[np.dtype(np.float64).str][:] = 0
-    assert torch.equal(back["sum/a"], sums["sum/a"])
+    assert back["sum/a"].abs().sum() > 0
+    buffers[np.dtype(np.float64).str][:] = 0  # the result is a view: no second copy
+    assert torch.all(back["sum/a"] == 0)
+    assert back["half"].dtype == torch.bfloat16 and back["half"].abs().sum() > 0
+
+
+def test_missing_keys_are_zero_even_in_a_reused_allocation():
+    spec = local_spec(_group(5, ["sum/a", "sum/b", "weight"]))
+    for _ in range(3):
+        got = unpack(pack({"weight": torch.ones(1, dtype=torch.float64)}, spec), spec)
+        assert torch.all(got["sum/a"] == 0) and torch.all(got["sum/b"] == 0)
+        assert got["weight"].item() == 1.0
 
 
 def test_conflicting_shapes_and_unsummable_dtypes_are_refused():
