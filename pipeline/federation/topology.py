@@ -204,6 +204,10 @@ class Topology:
         node = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         local_rank = node.Get_rank()  # selects the GPU on a node: distinct per process
         node.Free()
+        import torch
+
+        if torch.cuda.is_available():  # more ranks than GPUs on a node share them round-robin
+            local_rank %= torch.cuda.device_count()
         hosts = self.group_comm.allgather(MPI.Get_processor_name())
         addr = os.environ.get("FEDMOE_MASTER_ADDR") or (
             "127.0.0.1" if len(set(hosts)) == 1 else hosts[0])
