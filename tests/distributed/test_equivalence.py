@@ -79,3 +79,34 @@ def test_two_groups_of_two_ranks_under_zero2_match_the_single_process_run(refere
     for k in want:  # a coarse per-tensor bound: a lost shard or client would move whole tensors
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-2 * want[k].abs().max().item(), msg=k)
     _same_record(out, reference, loss_rtol=1e-4)
+
+
+def test_killed_mpi_run_resumes_under_mpi_to_the_same_adapters(reference, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ENV, REPO, _mpiexec
+
+    out = tmp_path / "killed"
+    cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "pipeline.cli", "run",
+           "--config", str(TINY), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if latest.exists() and latest.read_text().strip() >= "round-000001":
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, mid-run
+    proc.wait()
+    assert not (out / "final").exists()
+    mpiexec(2, "-m", "pipeline.cli", "resume", out)
+    want = load_file(reference / "final" / "adapter.safetensors")
+    got = load_file(out / "final" / "adapter.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    events = _events(out)
+    assert [e["round"] for e in events if e["event"] == "round"] == [1, 2, 3]  # no round twice
