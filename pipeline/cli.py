@@ -135,6 +135,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         console = Console()
         for table in plan_tables(cfg, plan_layout(cfg, args.ranks), args.rounds):
             console.print(table)
+        from pipeline.federation.memory import memory_report
+
+        memory_report(cfg, args.ranks, console)  # per-tier GPU memory; UserError (exit 2) if one cannot fit
         console.print("launch: mpiexec -n %d python -m mpi4py -m pipeline.cli run --config ..." % args.ranks)
         return 0
     if args.command == "report":
