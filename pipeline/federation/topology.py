@@ -225,10 +225,12 @@ _CURRENT: Topology | None = None
 def current_topology(cfg: Config) -> Topology:
     """The process's topology (built once: the MPI splits and the torch world are per process)."""
     global _CURRENT
+    comm = mpi_world() if _CURRENT is None else _CURRENT.world
+    layout = plan_layout(cfg, comm.Get_size() if comm is not None else 1)
     if _CURRENT is None:
-        comm = mpi_world()
-        layout = plan_layout(cfg, comm.Get_size() if comm is not None else 1)
         _CURRENT = Topology(layout, comm)
+    elif _CURRENT.layout != layout:  # the torch worlds of the first layout are already up
+        raise RuntimeError("a second config with a different MPI layout in one process")
     return _CURRENT
 
 
