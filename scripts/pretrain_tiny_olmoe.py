@@ -6,7 +6,7 @@ line carries a random answer drawn independently of the gold one, so the base mo
 the format and what kind of token answers each prompt, yet sits near chance on the suite.
 Fine-tuning then has something real to learn, and top-k changes how well it learns it.
 
-    python scripts/pretrain_tiny_olmoe.py --out assets/tiny-olmoe [--seed 0] [--steps 1500]
+    python scripts/pretrain_tiny_olmoe.py --out assets/tiny-olmoe [--seed 0] [--steps 1200]
 
 Deterministic for a given seed and thread count. Writes a normal Hugging Face model
 directory (weights in bfloat16 to stay small; config.json says float32 so that
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, type=Path, help="output model directory")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2, help="fixed for bitwise reproducibility")

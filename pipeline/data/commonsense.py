@@ -31,6 +31,7 @@ PROMPT_WITH_INPUT = (
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
 ANSWER_LEAD = "the correct answer is"
+_FIELDS = ("instruction", "input", "output", "answer")
 
 # Label kind -> (family, default label set when the instruction does not list it).
 _NUMBERED = {
@@ -117,14 +118,19 @@ def _load_local(path: Path, split: str) -> list[dict]:
 
     try:
         ds = datasets.load_dataset("json", data_files={split: str(path)}, split=split)
-        return ds.to_list()
     except Exception as err:  # noqa: BLE001 - re-raised below with the file and record named
         _locate_bad_record(path)
         raise ValueError(f"{path}: cannot be read as LLM-Adapters JSON records ({type(err).__name__}: {err})") from err
+    # A field of mixed types becomes a `Json` column whose strings are re-parsed ("true" -> True):
+    # find the offending record rather than score silently altered data.
+    if any(f in ds.features and ds.features[f] != datasets.Value("string") for f in _FIELDS):
+        _locate_bad_record(path)
+        raise ValueError(f"{path}: fields {', '.join(_FIELDS)} must all be strings")
+    return ds.to_list()
 
 
 def _locate_bad_record(path: Path) -> None:
-    """After `datasets` refused a file, find what is wrong with plain `json` and say where."""
+    """After `datasets` refused or mangled a file, find the bad record with plain `json`."""
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
         data = json.loads(text)
@@ -141,10 +147,10 @@ def _locate_bad_record(path: Path) -> None:
                 msg = f"line {err.lineno}, column {err.colno}: {err.msg}" if err else f"line {lineno}"
                 raise ValueError(f"{path}: invalid JSON at {msg} (record {len(records)})") from whole_err
     for i, rec in enumerate(records):
-        record_to_example(rec, f"{path}, record {i}")
-        for field in ("instruction", "input", "output", "answer"):
-            if field in rec and rec[field] is not None and not isinstance(rec[field], str):
+        for field in _FIELDS if isinstance(rec, dict) else ():
+            if rec.get(field) is not None and not isinstance(rec[field], str):
                 raise ValueError(f"{path}, record {i}: field {field!r} must be a string")
+        record_to_example(rec, f"{path}, record {i}")
 
 
 def load_commonsense(path_or_hub_id: str | Path, split: str = "train") -> list[Example]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.data import FAMILIES, FAMILY_CHANCE, Example, build_benchmark, load_tokenizer
-from pipeline.data.tasks import CATEGORIES, generate_family, pretraining_line
+from pipeline.data.tasks import CATEGORIES, LETTERS, WORD_CATEGORY, generate_family, pretraining_line
 
 ASSET = Path(__file__).resolve().parents[2] / "assets" / "tiny-olmoe"
 
@@ -55,8 +55,6 @@ def test_gold_answers_are_correct():
             assert int(gold) == max(int(w) for w in words if w.isdigit())
         elif ex.family == "smallest":
             assert int(gold) == min(int(w) for w in words if w.isdigit())
-        elif ex.family == "summod":
-            assert int(gold) == (int(words[1]) + int(words[3])) % 10
         elif ex.family == "next":
             seq = [int(w) for w in words if w.lstrip("-").isdigit()]
             assert int(gold) == seq[-1] + (seq[1] - seq[0])
@@ -64,11 +62,16 @@ def test_gold_answers_are_correct():
             assert gold == words[words.index(".") - 1]
         elif ex.family == "category":
             assert gold in CATEGORIES[words[4]]
+        elif ex.family == "samekind":
+            cats = [WORD_CATEGORY[o] for o in ex.options]
+            assert cats[ex.answer] == WORD_CATEGORY[words[3]] and len(set(cats)) == 4
         elif ex.family == "count":
-            target, letters = words[2], words[4:-1]
-            assert int(gold) == letters.count(target)
+            assert int(gold) == sum(w in LETTERS for w in words[4:-1])
         elif ex.family == "parity":
-            assert gold == ("even", "odd")[(int(words[1]) + int(words[3])) % 2]
+            assert int(gold) % 2 == ("even", "odd").index(words[2])
+            assert int(ex.options[1 - ex.answer]) % 2 != int(gold) % 2
+        else:
+            raise AssertionError(f"family {ex.family} has no check")
 
 
 def test_answer_positions_are_balanced():
