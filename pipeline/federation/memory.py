@@ -73,7 +73,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config, resolve_tiers
+from pipeline.config import Config, Tier, resolve_tiers
 from pipeline.errors import UserError
 
 GIB = 2**30
@@ -233,13 +233,28 @@ def tier_memory(shape: ModelShape, cfg: Config, index: int, top_k: int, ranks: i
                       tokens * full, tokens * checkpointed, tier.gpu_memory_gb)
 
 
+def training_top_k(cfg: Config, shape: ModelShape, tiers: list[Tier]) -> list[int]:
+    """The top-k each tier's clients train at, as the method plans them (the low-rank methods and
+    fedavg train every tier at K_max); K_max where a method cannot plan without real adapters."""
+    from pipeline.algorithms import ModelInfo, build_strategy
+
+    info = ModelInfo(shape.layers, shape.experts, shape.k_max, cfg.model.lora.rank, cfg.model.lora.alpha)
+    strategy = build_strategy(cfg.algorithm.name, cfg.algorithm.options, info, tiers)
+    try:
+        strategy.init_state({})  # plans carry the adapters; the top-k does not depend on them
+        return [strategy.plan(0, 1, tier, 0).top_k for tier in tiers]
+    except (KeyError, ValueError, RuntimeError, IndexError):
+        return [shape.k_max for _ in tiers]
+
+
 def plan_memory(cfg: Config, world_size: int | None = None, shape: ModelShape | None = None) -> list[TierMemory]:
-    """One row per tier at its group size (`tiers[].ranks`; 1 for everyone when the world has
-    one rank, whose single process trains every tier's clients)."""
+    """One row per tier at the top-k its clients train at and its group size (`tiers[].ranks`;
+    1 for everyone when the world has one rank, whose single process trains every tier)."""
     shape = shape or model_shape(cfg.model.source)
     tiers = resolve_tiers(cfg, shape.experts, shape.k_max)
-    return [tier_memory(shape, cfg, t.index, t.top_k, 1 if world_size == 1 else cfg.tiers[t.index].ranks)
-            for t in tiers]
+    top_ks = training_top_k(cfg, shape, tiers)
+    return [tier_memory(shape, cfg, t.index, k, 1 if world_size == 1 else cfg.tiers[t.index].ranks)
+            for t, k in zip(tiers, top_ks)]
 
 
 def check_fits(rows: list[TierMemory]) -> None:

@@ -23,6 +23,7 @@ from pipeline.errors import UserError
 from pipeline.eval.metrics import MetricsLogger, round_table
 from pipeline.eval.report import balance_stats, write_report
 from pipeline.eval.scoring import evaluate_choices
+from pipeline.federation import signals
 from pipeline.federation.distributed import GroupMetrics, reduce_round
 from pipeline.federation.inputs import FederatedData, load_federated_data, load_patched_model
 from pipeline.federation.sampling import (ADAPTER_INIT, LOCAL_DATA, assign_tiers, derive_seed,
@@ -157,7 +158,10 @@ def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
     plan_shapes = strategy.global_adapters  # updates must match the global adapters' keys and shapes
     mine = clients if fed.topology is None else fed.topology.my_clients(
         clients, [t.name for t in fed.client_tiers])  # under MPI: this group's share
+    offset = fed.metrics.offset()  # the record of the completed rounds, should this one be abandoned
     for client in mine:
+        if signals.requested():  # SIGUSR1/SIGTERM: the clients not started yet wait for the resumed run
+            break
         try:
             update = train_client(fed, client, round_, progress)
         except (RuntimeError, ValueError, FloatingPointError) as exc:  # one bad client must not end the round
@@ -175,6 +179,8 @@ def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
         load[tier] = load.get(tier, 0) + update.expert_token_counts
         fed.metrics.log("client", round=round_, client=client, tier=tier, top_k=update.top_k,
                         lora_rank=update.lora_rank, n_samples=update.n_samples, **update.metrics)
+    if signals.agree(fed.topology, cfg.federation.collective_timeout):  # any rank stopped: drop the round
+        raise signals.Preempted(round_ - 1, offset)
     if fed.topology is not None:  # every group's sums, loads and updates, identical on all ranks
         sums, load, accepted, updates = reduce_round(fed.topology, cfg.federation.collective_timeout,
                                                      fed.metrics, sums, load, accepted, updates)
@@ -248,12 +254,13 @@ def evaluate(fed: Federation, round_: int) -> list[dict]:
 # The run
 
 
-def save_round(fed: Federation, round_: int) -> None:
+def save_round(fed: Federation, round_: int, offset: int | None = None) -> None:
     if not fed.writes:
         return
     state = fed.strategy.state_dict()
+    offset = fed.metrics.offset() if offset is None else offset
     checkpoint.save_checkpoint(fed.run_dir, round_, state["tensors"],
-                               {"strategy": state["meta"], "metrics_offset": fed.metrics.offset(),
+                               {"strategy": state["meta"], "metrics_offset": offset,
                                 "algorithm": fed.cfg.algorithm.name},
                                keep=fed.cfg.checkpoint.keep)
 
@@ -291,7 +298,7 @@ def _progress(enabled: bool) -> Progress | None:
 
 
 def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | None,
-            state: dict | None, parts=None) -> Path:
+            state: dict | None, parts=None) -> Path | None:
     """Run rounds start_round..rounds; `state` is a loaded checkpoint (None for a fresh run)."""
     fed = build(cfg, run_dir, resume_offset, parts)
     if state is not None:
@@ -309,7 +316,11 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
     with progress or _nullcontext():
         task = progress.add_task("rounds", total=rounds, completed=start_round - 1) if progress else None
         for round_ in range(start_round, rounds + 1):
-            run_round(fed, round_, progress)
+            try:
+                run_round(fed, round_, progress)
+            except signals.Preempted as stop:  # SIGUSR1/SIGTERM: keep the completed rounds, return (exit 0)
+                signals.pause(fed, stop, save_round)
+                return None
             if round_ % cfg.eval.every == 0 or round_ == rounds:
                 rows = evaluate(fed, round_)
                 _print_table(rows, previous, fed.data.chance, round_, show)
@@ -349,9 +360,13 @@ class _nullcontext:
 # Entry points used by the CLI
 
 
+LAUNCH_LOGS = "logs"  # RUN/logs/: written by launchers (slurm/) from before the run exists
+
+
 def start_run(cfg: Config, out: Path, overwrite: bool) -> Path:
+    signals.install()
     out = Path(out)
-    occupied = out.exists() and any(out.iterdir())
+    occupied = out.exists() and any(p.name != LAUNCH_LOGS for p in out.iterdir())
     if occupied and not overwrite:
         raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
     if occupied and not (out / "config.yaml").is_file():
@@ -380,6 +395,7 @@ def _run_config(run_dir: Path) -> Config:
 
 
 def resume_run(run_dir: Path) -> Path:
+    signals.install()
     run_dir = Path(run_dir)
     cfg = _run_config(run_dir)
     latest = checkpoint.latest_checkpoint(run_dir)

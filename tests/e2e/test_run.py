@@ -99,3 +99,26 @@ def test_sigkill_and_resume_is_bitwise_identical(finished_run, tmp_path):
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rounds = [e["round"] for e in events if e["event"] == "eval" and e["tier"] == "low"]
     assert rounds == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
+def test_stop_signal_checkpoints_exits_zero_and_resumes_bitwise(finished_run, tmp_path, sig):
+    """What a SLURM requeue does: signal mid-run, exit 0 with the completed rounds kept, resume."""
+    run = tmp_path / "stopped"
+    proc = _start("run", "--config", TINY, "--out", run)
+    start = time.time()
+    while proc.poll() is None and _latest_round(run) < 1 and time.time() - start < 240:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err
+    assert not (run / "final").exists()
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1]["event"] == "run" and events[-1]["status"] == "stopped"
+    fedmoe("resume", run)
+    want = load_file(finished_run / "final" / "adapter.safetensors")
+    got = load_file(run / "final" / "adapter.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in events if e["event"] == "eval" and e["tier"] == "low"] == [0, 1, 2, 3]
