@@ -1,5 +1,7 @@
 """Cross-group sums of Strategy contributions: one buffer per dtype, one MPI Allreduce.
 
+(Under torchrun-style launchers the comms are federation/torchcomm.TorchComm, the same API on gloo.)
+
 Each group sums its own clients' `contribution` tensors (runner). The group leaders then agree
 on the union of keys, shapes and dtypes (one small `allgather` of key lists), pack their sums
 into one contiguous buffer per wire dtype in sorted-key order (so every group packs the same
@@ -114,9 +116,11 @@ def _torch_dtype(wire: np.dtype) -> torch.dtype:
 
 def allreduce_sums(sums: Mapping[str, Tensor], spec: Sequence[Entry], group_comm, leaders) -> dict[str, Tensor]:
     """Sum `sums` over all groups: Allreduce among leaders (`leaders` is None on other ranks),
-    then Bcast from each leader to its group. `spec` must be the agreed union on every rank."""
-    from mpi4py import MPI
+    then Bcast from each leader to its group. `spec` must be the agreed union on every rank.
+    The comms are mpi4py's or TorchComm (torchrun-style launchers): the same calls either way."""
+    from pipeline.federation.torchcomm import api
 
+    MPI = api(leaders if leaders is not None else group_comm)
     buffers = pack(sums, spec) if leaders is not None else empty_buffers(spec)
     for wire in sorted(buffers):  # same order on every rank
         buf = buffers[wire]

@@ -56,6 +56,9 @@ class GroupMetrics:
 class Watchdog:
     """Aborts the whole MPI job when a collective waits longer than `limit` seconds.
 
+    Under torchrun-style launchers `comm` is a TorchComm: Ibarrier is a gloo barrier polled the
+    same way, and Abort ends this process, after which the launcher stops the other workers.
+
     A dead or stuck rank would otherwise leave every other rank blocked forever. The wait
     includes the slowest group's local training, so the limit is generous by default.
     """

@@ -56,9 +56,10 @@ def agree(topology, timeout: float) -> bool:
     local = _stop.is_set()
     if topology is None or not topology.distributed:
         return local
-    from mpi4py import MPI
-
     from pipeline.federation.distributed import Watchdog
+    from pipeline.federation.torchcomm import api
+
+    MPI = api(topology.world)  # mpi4py.MPI, or TorchComm's equivalents under torchrun
 
     Watchdog(timeout, topology.world, topology.rank).arrive("the stop check before the round's aggregation")
     return bool(topology.world.allreduce(int(local), op=MPI.MAX))

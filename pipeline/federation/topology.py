@@ -9,8 +9,11 @@ groups; clients of a tier without a group go to the least loaded group.
 
 At run time `MPI.COMM_WORLD.Split` makes the groups, and each group gets its own
 torch.distributed world (own rendezvous port), so DeepSpeed's process-global groups stay per
-group; cross-group traffic is mpi4py only (federation/collectives.py). Without an MPI launcher
-(or with one rank) there is one group of one rank and mpi4py is never imported: the
+group; cross-group traffic is mpi4py only (federation/collectives.py). Under a torchrun-style
+launcher (torchrun, `accelerate launch`: RANK, WORLD_SIZE > 1, MASTER_ADDR, MASTER_PORT set, no
+MPI launcher) the world is a `torchcomm.TorchComm` instead, gloo groups with mpi4py's API made
+outside the default process group, and everything else is the same. Without a launcher (or
+with one rank) there is one group of one rank and mpi4py is never imported: the
 single-process path is the embedded default.
 
 Not here yet: expert parallelism inside a group. The model's block takes its process group as
@@ -141,15 +144,31 @@ def layout_rows(layout: Layout, cfg: Config) -> list[dict]:
 
 
 def mpi_world():
-    """MPI.COMM_WORLD when started by an MPI launcher with more than one rank, else None."""
+    """The launcher's world when there is more than one rank, else None: MPI.COMM_WORLD under an
+    MPI launcher; a TorchComm under a torchrun-style one (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT
+    set, none of the MPI launchers' variables)."""
     if not any(v in os.environ for v in _LAUNCHER_VARS):
-        return None
+        from pipeline.federation import torchcomm
+
+        return torchcomm.TorchComm.world() if torchcomm.launched() else None
     try:
         from mpi4py import MPI
     except ImportError:
         return None
     comm = MPI.COMM_WORLD
     return comm if comm.Get_size() > 1 else None
+
+
+def _check_accelerate(cfg: Config) -> None:
+    """`accelerate launch` with a DeepSpeed plugin: the run config, not the plugin, configures
+    DeepSpeed (we build no Accelerator), so a ZeRO stage that disagrees is refused, not ignored."""
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true" or stage in (None, ""):
+        return
+    if int(stage) != cfg.deepspeed.zero_stage:
+        raise UserError(f"accelerate config: zero_stage {stage}, run config: deepspeed.zero_stage="
+                        f"{cfg.deepspeed.zero_stage}; fedmoe configures DeepSpeed from the run config "
+                        f"only, so make them agree (--set deepspeed.zero_stage={stage})")
 
 
 class Topology:
@@ -167,8 +186,9 @@ class Topology:
         self.group_rank = self.group.ranks.index(self.rank)
         self.group_comm = self.leaders = None
         if comm is not None:
-            from mpi4py import MPI
+            from pipeline.federation.torchcomm import api
 
+            MPI = api(comm)  # mpi4py.MPI, or TorchComm's equivalents under torchrun
             self.group_comm = comm.Split(color=self.group.index, key=self.rank)
             leaders = comm.Split(color=0 if self.group_rank == 0 else MPI.UNDEFINED, key=self.rank)
             self.leaders = None if leaders == MPI.COMM_NULL else leaders
@@ -196,11 +216,15 @@ class Topology:
         """This group's own torch.distributed world (gloo on CPU, nccl on GPU) for DeepSpeed."""
         from pipeline.engine.client import free_port, init_distributed
 
+        # torchrun's workers find its agent's store through this; a client group's world hosts
+        # its own store on the leader (the launcher's MASTER_PORT is the world comm's).
+        os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
         if self.world is None:
             init_distributed()
             return
-        from mpi4py import MPI
+        from pipeline.federation.torchcomm import TorchComm, api
 
+        MPI = api(self.world)
         node = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         local_rank = node.Get_rank()  # selects the GPU on a node: distinct per process
         node.Free()
@@ -213,6 +237,11 @@ class Topology:
             "127.0.0.1" if len(set(hosts)) == 1 else hosts[0])
         if master_port is not None:
             port = master_port + self.group.index
+            launcher = os.environ.get("MASTER_PORT") if isinstance(self.world, TorchComm) else None
+            if launcher is not None and int(launcher) in range(master_port, master_port + len(self.layout.groups)):
+                raise UserError(f"federation.master_port={master_port}: group ports {master_port}-"
+                                f"{master_port + len(self.layout.groups) - 1} include the launcher's "
+                                f"MASTER_PORT {launcher}; pick another or null (free ports)")
         else:  # the leader hosts the rendezvous store, so it picks a port free on its node
             port = self.group_comm.bcast(free_port() if self.is_leader else None, root=0)
         init_distributed(rank=self.group_rank, world_size=self.group.size, local_rank=local_rank,
@@ -225,6 +254,7 @@ _CURRENT: Topology | None = None
 def current_topology(cfg: Config) -> Topology:
     """The process's topology (built once: the MPI splits and the torch world are per process)."""
     global _CURRENT
+    _check_accelerate(cfg)
     comm = mpi_world() if _CURRENT is None else _CURRENT.world
     layout = plan_layout(cfg, comm.Get_size() if comm is not None else 1)
     if _CURRENT is None:
