@@ -10,6 +10,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ GROUPS_OF_TWO = ("tiers.0.ranks=2", "tiers.1.ranks=2", "deepspeed.zero_stage=2")
 BIN = Path(sys.executable).parent
 
 
-def launch(launcher: str, n: int, *args, timeout=300) -> subprocess.CompletedProcess:
+def launch(launcher: str, n: int, *args, timeout=300, check=True) -> subprocess.CompletedProcess:
     """ARGS (a script, or `-m module ...`) on N CPU processes under `launcher`."""
     if launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n),
@@ -42,7 +43,7 @@ def launch(launcher: str, n: int, *args, timeout=300) -> subprocess.CompletedPro
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PMI_SIZE", "PMI_RANK"):
         env.pop(var, None)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-2000:]}\n"
                              f"{proc.stderr[-4000:]}")
     return proc
@@ -78,6 +79,17 @@ def mpi4(tmp_path_factory):
 def test_torchcomm_split_allreduce_bcast_over_three_processes():
     proc = launch("torchrun", 3, SCRIPTS / "torchcomm_ops.py", timeout=120)
     assert proc.stdout.count(": ok") == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["arrive", "guard"])
+def test_watchdog_over_torchcomm_ends_the_job_when_a_rank_never_arrives(mode):
+    start = time.monotonic()
+    proc = launch("torchrun", 2, SCRIPTS / "torchcomm_watchdog.py", mode, timeout=100, check=False)
+    assert proc.returncode != 0
+    assert "waited more than 1 s (federation.collective_timeout)" in proc.stderr
+    assert "did not fire" not in proc.stdout
+    assert time.monotonic() - start < 60  # rank 1 would sleep 120 s
 
 
 @pytest.mark.slow

@@ -1,0 +1,20 @@
+"""Run under `torchrun --nproc_per_node 2`: watchdog.py over TorchComm. Rank 1 never reaches
+the collective; rank 0's watchdog (1 s) ends its process, and the launcher stops rank 1."""
+import sys
+import time
+
+from pipeline.federation.distributed import Watchdog
+from pipeline.federation.torchcomm import TorchComm
+
+comm = TorchComm.world()
+comm.Barrier()  # both connected: what follows is a stuck rank, not a slow start
+mode = sys.argv[1]
+if comm.Get_rank() == 1:
+    time.sleep(120)  # a stuck rank (a hung client, a dead node)
+watchdog = Watchdog(1.0, comm, comm.Get_rank())
+if mode == "arrive":
+    watchdog.arrive("the end of the round")
+else:
+    with watchdog.guard("the test collective"):
+        comm.Barrier()
+print("rank 0 passed the collective: the watchdog did not fire", flush=True)
