@@ -146,8 +146,9 @@ def layout_rows(layout: Layout, cfg: Config) -> list[dict]:
 def mpi_world():
     """The launcher's world when there is more than one rank, else None: MPI.COMM_WORLD under an
     MPI launcher; a TorchComm under a torchrun-style one (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT
-    set, none of the MPI launchers' variables)."""
-    if not any(v in os.environ for v in _LAUNCHER_VARS):
+    set, none of the MPI launchers' variables). Workers of torch.distributed.run (torchrun,
+    accelerate) are never MPI ranks, even when the agent inherited PMI variables from `srun`."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or not any(v in os.environ for v in _LAUNCHER_VARS):
         from pipeline.federation import torchcomm
 
         return torchcomm.TorchComm.world() if torchcomm.launched() else None

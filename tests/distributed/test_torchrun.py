@@ -137,3 +137,23 @@ def test_an_accelerate_zero_stage_that_differs_from_the_run_config_is_refused(mo
         _check_accelerate(cfg)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
     _check_accelerate(cfg)  # no DeepSpeed plugin: nothing to compare
+
+
+def test_the_launcher_decides_the_world(monkeypatch):
+    from pipeline.federation import topology, torchcomm
+
+    monkeypatch.setattr(torchcomm.TorchComm, "world", classmethod(lambda cls: "torch world"))
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
+                *topology._LAUNCHER_VARS):
+        monkeypatch.delenv(var, raising=False)
+    assert topology.mpi_world() is None  # no launcher: the single-process path
+    torchrun = {"RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for var, value in torchrun.items():
+        monkeypatch.setenv(var, value)
+    assert topology.mpi_world() == "torch world"
+    # torch.distributed.run's workers under `srun`: PMI variables inherited, still not MPI ranks
+    monkeypatch.setenv("PMI_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    assert topology.mpi_world() == "torch world"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert topology.mpi_world() is None  # one process: the single-process path
