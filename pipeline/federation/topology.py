@@ -238,10 +238,11 @@ class Topology:
             "127.0.0.1" if len(set(hosts)) == 1 else hosts[0])
         if master_port is not None:
             port = master_port + self.group.index
+            last = master_port + len(self.layout.groups) - 1
             launcher = os.environ.get("MASTER_PORT") if isinstance(self.world, TorchComm) else None
-            if launcher is not None and int(launcher) in range(master_port, master_port + len(self.layout.groups)):
+            if launcher is not None and master_port <= int(launcher) <= last:
                 raise UserError(f"federation.master_port={master_port}: group ports {master_port}-"
-                                f"{master_port + len(self.layout.groups) - 1} include the launcher's "
+                                f"{last} include the launcher's "
                                 f"MASTER_PORT {launcher}; pick another or null (free ports)")
         else:  # the leader hosts the rendezvous store, so it picks a port free on its node
             port = self.group_comm.bcast(free_port() if self.is_leader else None, root=0)
