@@ -18,6 +18,7 @@ import numpy as np
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -213,10 +214,11 @@ def plot_all(spec: Spec, result: dict, runs: dict, out: Path) -> None:
             for e in read_metrics(runs[(m, s)]):
                 if e.get("event") == "eval":
                     by_round.setdefault(e["round"], []).append(e["accuracy"])
-            curves.append([np.mean(by_round[r]) for r in sorted(by_round)])
-        length = min(len(c) for c in curves)
-        ax.plot(range(length), np.mean([c[:length] for c in curves], axis=0), marker=".", label=m)
+            curves.append({r: float(np.mean(v)) for r, v in by_round.items()})
+        rounds = sorted(set.intersection(*(set(c) for c in curves)))  # evaluated in every seed
+        ax.plot(rounds, [np.mean([c[r] for c in curves]) for r in rounds], marker=".", label=m)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("accuracy, average over tiers")
     ax.legend(fontsize=7)
     _save(fig, plots / "accuracy_over_rounds.png")
@@ -236,6 +238,7 @@ def plot_all(spec: Spec, result: dict, runs: dict, out: Path) -> None:
         ax.set_title(f"{m}: {tiers[0]} load / uniform", fontsize=8)
         ax.set_xlabel("expert")
         ax.set_ylabel("layer")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     _save(fig, plots / "expert_load.png")
     # Training FLOPs per token per tier.
     fig = Figure(figsize=(7, 4))
