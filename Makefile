@@ -35,6 +35,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/moe_block.py
 	$(PY) bench/tier_step.py
+	$(PY) bench/round_overhead.py
 
 # Rebuilds the shipped tiny pretrained OLMoE (minutes on 2 cores); the result is committed.
 assets: $(STAMP)
