@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a config field (repeatable)")
     plan.add_argument("--ranks", type=int, required=True, help="MPI world size the run will have")
     plan.add_argument("--rounds", type=int, default=3, help="rounds whose client assignment is shown")
+    plan.add_argument("--sbatch", action="store_true",
+                      help="also print the SLURM resources (#SBATCH lines) and an sbatch command (slurm/)")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per cluster node, for --sbatch")
 
     report = sub.add_parser("report", help="rewrite RUN/report.md and RUN/plots/ from metrics.jsonl")
     report.add_argument("run_dir")
@@ -139,6 +142,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
 
         memory_report(cfg, args.ranks, console)  # per-tier GPU memory; UserError (exit 2) if one cannot fit
         console.print("launch: mpiexec -n %d python -m mpi4py -m pipeline.cli run --config ..." % args.ranks)
+        if args.sbatch:
+            from pipeline.federation.slurm import sbatch_text
+
+            print(sbatch_text(cfg, plan_layout(cfg, args.ranks), args.config or "configs/default.yaml",
+                              f"runs/{cfg.algorithm.name}-seed{cfg.seed}", args.overrides, args.gpus_per_node))
         return 0
     if args.command == "report":
         from pipeline.eval.report import write_report
