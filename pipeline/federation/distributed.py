@@ -103,6 +103,7 @@ class Watchdog:
                          f"(federation.collective_timeout): another rank is stuck or dead; "
                          f"aborting the MPI job\n")
         sys.stderr.flush()
+        time.sleep(1.0)  # the launcher forwards output asynchronously; Abort would cut the message off
         self.comm.Abort(3)
 
 
