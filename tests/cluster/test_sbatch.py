@@ -126,3 +126,27 @@ def test_hetjob_stop_requeue_resume_matches_single_process(tmp_path, reference):
                                         {"SHIM_MPI_LIST": "none pmi2"}, reference)
     assert "het job: 2 component(s), 2 task(s) in one MPI world (srun --het-group=0,1)" in text
     assert "srun --mpi=pmi2: one MPI world of 2 rank(s)" in text  # no pmix listed: pmi2
+
+
+def test_launch_mpirun_stop_and_rerun_resumes(tmp_path, reference):
+    """launch/mpirun.sh: SIGUSR1 to the script (now mpiexec) stops the ranks with a checkpoint;
+    the same command resumes and ends with the single-process adapters."""
+    run = tmp_path / "run"
+    sets = [a for o in OVERRIDES for a in ("--set", o)]
+    cmd = [str(REPO / "launch" / "mpirun.sh"), "2", CONFIG, str(run), *sets]
+    env = _env(tmp_path, PYTHON=sys.executable)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    start = time.time()
+    while proc.poll() is None and _latest_round(run) < 1 and time.time() - start < 300:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert not (run / "final").exists()
+    again = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "launch/mpirun.sh: resuming" in again.stderr
+    got = load_file(run / "final" / "adapter.safetensors")
+    assert got.keys() == reference.keys()
+    assert all(torch.allclose(got[k], reference[k], rtol=0, atol=1e-6) for k in reference)
