@@ -155,14 +155,15 @@ def sbatch_text(cfg: Config, layout, config: str, run_dir: str, overrides: Seque
         lines.append("#   the nodes hold different numbers of ranks: FEDMOE_TASKS_PER_NODE (below) makes "
                      "slurm/fedmoe.sbatch place them with srun --distribution=arbitrary")
     memories = sorted({t.gpu_memory_gb for t in cfg.tiers})
+    components = hetjob_components(layout, cfg)
     if len(memories) > 1:
         lines.append(f"#   tiers ask for GPUs of {', '.join(f'{m:g}' for m in memories)} GiB: one job gets one "
-                     f"kind of node, so its GPUs must hold {memories[-1]:g} GiB (or use the het job below)")
+                     f"kind of node, so its GPUs must hold {memories[-1]:g} GiB"
+                     + (" (or use the het job below)" if components is not None else ""))
     lines += [f"#SBATCH {o}" for o in plan.options()]
     for key, value in plan.env().items():
         lines.append(f"#   export {key}={value}")
     lines.append("submit: " + submit_command(plan, config, run_dir, overrides))
-    components = hetjob_components(layout, cfg)
     if components is not None:
         lines.append(f"# het job ({HETJOB_SCRIPT}, sites with heterogeneous jobs): one component per tier,")
         lines.append("#   in rank order; set each component's GPU type (--constraint/--gres) to its tier")

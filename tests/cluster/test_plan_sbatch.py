@@ -67,3 +67,12 @@ def test_sbatch_text_for_the_tiny_config():
     assert "#SBATCH hetjob" in text  # one group per tier: the het job applies
     cfg4 = load_config(TINY)
     assert "hetjob" not in sbatch_text(cfg4, plan_layout(cfg4, 4), "c", "r", [], 8)  # 2 groups per tier
+
+
+def test_the_het_job_is_offered_only_with_one_group_per_tier():
+    cfg = load_config(REPO / "configs" / "olmoe-1b-7b" / "ubsmoe.yaml")
+    eight = sbatch_text(cfg, plan_layout(cfg, 8), "c", "r", [], 8)
+    assert eight.count("#SBATCH hetjob") == 3 and "(or use the het job below)" in eight
+    sixteen = sbatch_text(cfg, plan_layout(cfg, 16), "c", "r", [], 4)
+    assert "hetjob" not in sixteen and "het job" not in sixteen
+    assert "#SBATCH --nodes=4\n#SBATCH --ntasks=16\n#SBATCH --ntasks-per-node=4" in sixteen
