@@ -26,7 +26,9 @@ CONFIG = str(TINY.relative_to(REPO))
 def _env(tmp_path, **extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PMI_", "PMIX_", "OMPI_", "SLURM_", "MPI_", "HYDRA_"))}
-    env.update({"PATH": f"{SHIMS}:{env.get('PATH', '')}", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+    # The shims first; then this interpreter's directory, so their `python3` exists even where
+    # only the venv provides one.
+    env.update({"PATH": f"{SHIMS}:{Path(sys.executable).parent}:{env.get('PATH', '')}", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
                 "SHIM_STATE_DIR": str(tmp_path / "shim-state"), "PYTHONUNBUFFERED": "1"}, **extra)
     return env
 
