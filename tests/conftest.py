@@ -15,3 +15,31 @@ def tiny_olmoe(tiny_olmoe_config):
     """A random-init tiny `OlmoeForCausalLM` (seed 0, non-zero routers), not patched."""
     from pipeline.model import build_model
     return build_model(tiny_olmoe_config, seed=0)
+
+
+# Whole runs of tests/fixtures/tiny_run.yaml, shared by the end-to-end, distributed and launcher
+# tests that compare against them (each costs tens of seconds on 2 cores). Every run uses the
+# same environment (one thread, tests/*/conftest.py), so bitwise comparisons between them are meaningful.
+GROUPS_OF_TWO = ("tiers.0.ranks=2", "tiers.1.ranks=2", "deepspeed.zero_stage=2")
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory):
+    """One uninterrupted single-process run of the tiny config."""
+    from tests.e2e.conftest import TINY, fedmoe
+
+    out = tmp_path_factory.mktemp("tiny-reference") / "run"
+    fedmoe("run", "--config", TINY, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mpi_groups_of_two(tmp_path_factory):
+    """`mpiexec -n 4`: 2 client groups of 2 data-parallel ranks under ZeRO 2."""
+    from tests.distributed.conftest import TINY, mpiexec
+
+    out = tmp_path_factory.mktemp("mpi-groups-of-two") / "run"
+    sets = [x for o in GROUPS_OF_TWO for x in ("--set", o)]
+    proc = mpiexec(4, "-m", "pipeline.cli", "run", "--config", TINY, "--out", out, *sets, timeout=300)
+    assert proc.stdout.count("done: adapters in") == 1  # only world rank 0 reports
+    return out

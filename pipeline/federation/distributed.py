@@ -54,7 +54,7 @@ class GroupMetrics:
 
 
 class Watchdog:
-    """Aborts the whole MPI job when a collective waits longer than `limit` seconds.
+    """Aborts the whole job (MPI or torchrun) when a collective waits longer than `limit` seconds.
 
     Under torchrun-style launchers `comm` is a TorchComm: Ibarrier is a gloo barrier polled the
     same way, and Abort ends this process, after which the launcher stops the other workers.
@@ -101,7 +101,7 @@ class Watchdog:
     def _abort(self, what: str) -> None:
         sys.stderr.write(f"fedmoe: rank {self.rank}: {what} waited more than {self.limit:g} s "
                          f"(federation.collective_timeout): another rank is stuck or dead; "
-                         f"aborting the MPI job\n")
+                         f"aborting the job\n")
         sys.stderr.flush()
         time.sleep(1.0)  # the launcher forwards output asynchronously; Abort would cut the message off
         self.comm.Abort(3)

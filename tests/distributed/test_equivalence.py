@@ -19,10 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "run"
-    fedmoe("run", "--config", TINY, "--out", out)
-    return out
+def reference(tiny_reference):
+    return tiny_reference
 
 
 def _events(run):
@@ -66,9 +64,8 @@ def test_two_groups_of_one_rank_are_bitwise_the_single_process_run(reference, tm
     assert state[0].keys() == state[1].keys() and all(torch.equal(state[0][k], state[1][k]) for k in state[0])
 
 
-def test_two_groups_of_two_ranks_under_zero2_match_the_single_process_run(reference, tmp_path):
-    out = tmp_path / "mpi4"
-    _run_mpi(4, out, "tiers.0.ranks=2", "tiers.1.ranks=2", "deepspeed.zero_stage=2")
+def test_two_groups_of_two_ranks_under_zero2_match_the_single_process_run(reference, mpi_groups_of_two):
+    out = mpi_groups_of_two
     want = load_file(reference / "final" / "adapter.safetensors")
     got = load_file(out / "final" / "adapter.safetensors")
     assert got.keys() == want.keys()

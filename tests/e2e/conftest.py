@@ -20,8 +20,6 @@ def fedmoe(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def finished_run(tmp_path_factory) -> Path:
+def finished_run(tiny_reference) -> Path:
     """One uninterrupted tiny run shared by the tests that only read its outputs."""
-    out = tmp_path_factory.mktemp("runs") / "reference"
-    fedmoe("run", "--config", TINY, "--out", out)
-    return out
+    return tiny_reference

@@ -101,9 +101,9 @@ def test_sigkill_and_resume_is_bitwise_identical(finished_run, tmp_path):
     assert rounds == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM], ids=["USR1", "TERM"])
-def test_stop_signal_checkpoints_exits_zero_and_resumes_bitwise(finished_run, tmp_path, sig):
-    """What a SLURM requeue does: signal mid-run, exit 0 with the completed rounds kept, resume."""
+def test_stop_signal_checkpoints_exits_zero_and_resumes_bitwise(finished_run, tmp_path, sig=signal.SIGUSR1):
+    """What a SLURM requeue does: signal mid-run, exit 0 with the completed rounds kept, resume.
+    SIGTERM takes the same path (tests/unit/test_signals.py)."""
     run = tmp_path / "stopped"
     proc = _start("run", "--config", TINY, "--out", run)
     start = time.time()
