@@ -121,10 +121,6 @@ def plan_layout(cfg: Config, world_size: int) -> Layout:
     if cfg.train.batch_size < biggest:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than a client group of "
                         f"{biggest} ranks: every rank needs at least one example per step")
-    if biggest > 1 and cfg.deepspeed.zero_stage == 3:
-        raise UserError("deepspeed.zero_stage=3 with client groups of more than one rank is not "
-                        "supported yet (evaluation and merged export run on world rank 0 alone and "
-                        "need whole parameters); use ZeRO 0-2 or tiers[].ranks=1")
     return Layout(world_size, tuple(groups))
 
 

@@ -31,7 +31,6 @@ def test_tiers_take_contiguous_ranks_round_robin():
     (3, ["tiers.0.ranks=2", "tiers.1.ranks=2"], "1 rank\\(s\\) left without a group; try 2 or 4"),
     (1 + 1, ["tiers.0.ranks=3", "tiers.1.ranks=3"], "2 rank\\(s\\) left"),
     (4, ["tiers.0.ranks=4", "train.batch_size=3"], "train.batch_size=3"),
-    (4, ["tiers.0.ranks=2", "tiers.1.ranks=2", "deepspeed.zero_stage=3"], "zero_stage=3"),
 ])
 def test_impossible_layouts_are_user_errors(ranks, overrides, match):
     with pytest.raises(UserError, match=match):
