@@ -68,3 +68,39 @@ def test_override_syntax():
     raw = {}
     with pytest.raises(ConfigError, match="expected key=value"):
         apply_override(raw, "train.lr")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tiers.0.ranks=4", "tiers.0.ep_size=3"], "tiers.0.ep_size: must be a divisor of tiers.0.ranks=4"),
+    (["tiers.0.ep_size=0"], "tiers.0.ep_size: must be a divisor"),
+    (["tiers.1.ep_size=2"], "tiers.1.ep_size: must be a divisor of tiers.1.ranks=1"),
+])
+def test_ep_size_must_divide_the_tiers_ranks(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEFAULT_CONFIG, overrides)
+
+
+def test_ep_size_must_divide_the_expert_count():
+    cfg = load_config(DEFAULT_CONFIG, ["tiers.0.ranks=6", "tiers.0.ep_size=3"])
+    assert cfg.tiers[0].ep_size == 3
+    with pytest.raises(ConfigError, match="tiers.0.ep_size: must divide the model's 32 experts, got 3"):
+        resolve_tiers(cfg, num_experts=32, k_max=8)
+    cfg = load_config(DEFAULT_CONFIG, ["tiers.0.ranks=4", "tiers.0.ep_size=4"])
+    resolve_tiers(cfg, num_experts=32, k_max=8)
+
+
+def test_methods_needing_a_whole_layer_refuse_expert_parallelism():
+    from types import SimpleNamespace
+
+    from pipeline.errors import UserError
+    from pipeline.federation.runner import check_expert_parallel
+
+    cfg = load_config(DEFAULT_CONFIG, ["tiers.0.ranks=2", "tiers.0.ep_size=2", "algorithm.name=ubsmoe"])
+    with pytest.raises(UserError, match="options.pg"):
+        check_expert_parallel(cfg, SimpleNamespace(model_features={"record_routing": True}))
+    check_expert_parallel(cfg, SimpleNamespace(model_features={"record_routing": False}))
+    cfg = load_config(DEFAULT_CONFIG, ["tiers.0.ranks=2", "tiers.0.ep_size=2", "algorithm.name=flora"])
+    with pytest.raises(UserError, match="flora"):
+        check_expert_parallel(cfg, SimpleNamespace(model_features={}))
+    cfg = load_config(DEFAULT_CONFIG, ["algorithm.name=flora"])
+    check_expert_parallel(cfg, SimpleNamespace(model_features={}))  # ep_size 1: anything goes
