@@ -104,3 +104,20 @@ def test_methods_needing_a_whole_layer_refuse_expert_parallelism():
         check_expert_parallel(cfg, SimpleNamespace(model_features={}))
     cfg = load_config(DEFAULT_CONFIG, ["algorithm.name=flora"])
     check_expert_parallel(cfg, SimpleNamespace(model_features={}))  # ep_size 1: anything goes
+
+
+def test_memory_plan_counts_each_ranks_share_of_the_experts():
+    from pipeline.federation.memory import model_shape, tier_memory
+
+    shape = model_shape("assets/tiny-olmoe")
+    experts = shape.layers * shape.experts * 3 * shape.hidden * shape.intermediate
+    for zero in (0, 2):
+        base = ["tiers.0.ranks=2", "model.source=assets/tiny-olmoe", f"deepspeed.zero_stage={zero}"]
+        a, b = (tier_memory(shape, load_config(DEFAULT_CONFIG, base + extra), 0, 8, 2)
+                for extra in ([], ["tiers.0.ep_size=2"]))
+        assert a.frozen - b.frozen == pytest.approx(4 * experts / 2)  # fp32: half the experts
+        assert b.adapters < a.adapters
+        if zero == 0:  # unpartitioned states follow the local experts
+            assert b.optimizer < a.optimizer and b.gradients < a.gradients
+        else:  # ZeRO partitions every adapter's states over the group either way
+            assert b.optimizer == a.optimizer and b.gradients == a.gradients
