@@ -43,6 +43,7 @@ class TierConfig:
     top_k: int | None = None  # default floor(K_max * budget), at least 1
     lora_rank: int | None = None  # default max(1, round(rank * budget)); used by low-rank methods
     ranks: int = 1  # MPI ranks (GPUs) per client group of this tier; one group = one DeepSpeed engine
+    ep_size: int = 1  # expert parallelism in a group: each rank holds experts/ep_size experts (divides ranks and the expert count)
     gpu_memory_gb: float = 80.0  # memory of each of its GPUs (GiB): `fedmoe plan` checks the estimate fits
 
 
@@ -288,6 +289,8 @@ def validate(cfg: Config) -> None:
         _check(tier.lora_rank is None or 1 <= tier.lora_rank <= cfg.model.lora.rank,
                f"tiers.{i}.lora_rank", f"must be in [1, model.lora.rank={cfg.model.lora.rank}]")
         _check(tier.ranks >= 1, f"tiers.{i}.ranks", f"must be >= 1, got {tier.ranks}")
+        _check(tier.ep_size >= 1 and tier.ranks % tier.ep_size == 0, f"tiers.{i}.ep_size",
+               f"must be a divisor of tiers.{i}.ranks={tier.ranks}, got {tier.ep_size}")
         _check(tier.gpu_memory_gb > 0, f"tiers.{i}.gpu_memory_gb", f"must be > 0, got {tier.gpu_memory_gb}")
     fed = cfg.federation
     _check(fed.rounds >= 1, "federation.rounds", f"must be >= 1, got {fed.rounds}")
@@ -344,6 +347,8 @@ def resolve_tiers(cfg: Config, num_experts: int, k_max: int) -> list[Tier]:
         top_k = t.top_k if t.top_k is not None else max(1, math.floor(k_max * t.budget + 1e-9))
         _check(top_k <= num_experts, f"tiers.{i}.top_k",
                f"{top_k} exceeds the model's {num_experts} experts")
+        _check(num_experts % t.ep_size == 0, f"tiers.{i}.ep_size",
+               f"must divide the model's {num_experts} experts, got {t.ep_size}")
         rank = t.lora_rank if t.lora_rank is not None else max(1, round(cfg.model.lora.rank * t.budget))
         tiers.append(Tier(i, t.name, t.budget, top_k, rank, t.share))
     return tiers

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from pipeline.config import DeepSpeedConfig, TrainConfig
 from pipeline.engine import data_parallel as dp
-from pipeline.model import (adapter_parameters, expert_token_counts, reset_expert_token_counts,
-                            set_lora_rank, set_top_k)
+from pipeline.engine import expert_parallel as ep
+from pipeline.model import (adapter_parameters, expert_token_counts, is_expert_adapter,
+                            reset_expert_token_counts, set_lora_rank, set_top_k)
 
 
 def free_port() -> int:
@@ -88,10 +89,13 @@ class ClientEngine:
 
     The engine spans this process's torch.distributed world (one client group): with more than
     one rank it is data-parallel, every rank taking its shard of each batch (data_parallel.py).
+    With `ep_size` > 1 each rank also holds only its share of the experts (expert_parallel.py);
+    adapters still come in and go out as full tensors: `read_adapters` all-gathers the expert
+    LoRA over the expert-parallel group and `load_adapters` takes this rank's slice.
     """
 
     def __init__(self, model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig,
-                 world_size: int | None = None):
+                 world_size: int | None = None, ep_size: int = 1):
         import deepspeed
         import torch.distributed as dist
 
@@ -100,12 +104,28 @@ class ClientEngine:
         self.dp_size = world_size
         self.dp_rank = dist.get_rank() if world_size > 1 else 0
         self.train_cfg = train
+        self.ep_size = ep_size
+        config = deepspeed_config(train, ds, world_size)
+        if ep_size > 1:
+            if world_size % ep_size:
+                raise ValueError(f"ep_size {ep_size} does not divide the group's {world_size} ranks")
+            self.ep_blocks = ep.setup_expert_parallel(model, ep_size)
+            self.grad_clip = config["gradient_clipping"]
+            # ZeRO 1/2 sum the squared gradient norms over the whole group, which counts every
+            # expert once: exact. Without ZeRO, DeepSpeed averages the ranks' norms, so the fp32
+            # path clips here with the global norm instead (ep.clip_grad_norm).
+            self.own_clip = ds.zero_stage == 0 and train.precision == "fp32"
+            if self.own_clip:
+                config["gradient_clipping"] = 0.0
         self.params = adapter_parameters(model)
-        optimizer = torch.optim.AdamW(list(self.params.values()), lr=train.lr,
-                                      weight_decay=train.weight_decay)
+        groups = list(self.params.values())
+        if ep_size > 1:  # expert LoRA in its own groups, reduced over the expert-data-parallel group
+            from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+            groups = split_params_into_different_moe_groups_for_optimizer(
+                [{"params": groups, "name": "adapters"}])
+        optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(train, ds, world_size),
-            dist_init_required=False)
+            model=model, optimizer=optimizer, config=config, dist_init_required=False)
         self.zero_stage = ds.zero_stage
         self.keeps_master_copy = ds.zero_stage > 0 or train.precision == "bf16"
 
@@ -119,6 +139,8 @@ class ClientEngine:
         with torch.no_grad():
             for name, p in self.params.items():
                 value = adapters[name]
+                if name in self.expert_names:
+                    value = ep.local_expert_slice(value, self.expert_names[name])
                 p.data.copy_(value.to(p.dtype))
                 if self.keeps_master_copy:
                     safe_set_full_fp32_param(p, value.float())
@@ -129,8 +151,23 @@ class ClientEngine:
         out = {}
         for name, p in self.params.items():
             full = safe_get_full_fp32_param(p) if self.keeps_master_copy else None
-            out[name] = (full if full is not None else p.data).detach().float().cpu().clone()
+            value = full if full is not None else p.data
+            if name in self.expert_names:
+                value = ep.gather_expert_tensor(value, self.expert_names[name])
+            out[name] = value.detach().float().cpu().clone()
         return out
+
+    @property
+    def expert_names(self) -> dict:
+        """Expert-LoRA adapter name -> its block, under expert parallelism (else empty): these
+        parameters hold only this rank's experts."""
+        if self.ep_size == 1:
+            return {}
+        if not hasattr(self, "_expert_names"):
+            blocks = dict(self.model.named_modules())
+            self._expert_names = {n: blocks[n.rsplit(".", 1)[0]] for n in self.params
+                                  if is_expert_adapter(n)}
+        return self._expert_names
 
     def reset_optimizer(self) -> None:
         # torch AdamW creates its moments lazily on the first step after the state is cleared.
@@ -169,6 +206,8 @@ class ClientEngine:
             self.engine.backward(total)
             if after_backward:
                 after_backward(self.model)
+            if self.ep_size > 1 and self.own_clip and self.grad_clip > 0:
+                ep.clip_grad_norm(self.params.values(), self.grad_clip, self.ep_blocks[0].ep_group)
             self.engine.step()
             losses.append(loss.item())
             if on_step:

@@ -12,6 +12,10 @@ For a tier whose client group spans `n` ranks (`tiers[].ranks`, one GPU each) un
 - gradients: the fp32 gradient the optimizer steps on (divided by `n` at ZeRO >= 2), plus the
   training-dtype `.grad` backward writes under bf16 at ZeRO 0/1 (ZeRO 2 reduces it bucket by
   bucket into the partition).
+- expert parallelism (`tiers[].ep_size` = P): a rank holds 1/P of the experts' frozen weights
+  and of the expert LoRA with its states; the ZeRO-partitioned terms stay p / n (the expert
+  LoRA is partitioned over the n / P ranks holding the same experts). Activations are counted
+  as without it (the routed pairs a rank computes average its own tokens' pairs).
 - activations: tokens per GPU (`ceil(train.batch_size / n) * train.max_length`, the padded
   upper bound) times the bytes per token below, counted from the tensors autograd saves
   (element size `s`: 2 under bf16, else 4), with T = training dtype:
@@ -218,11 +222,24 @@ def tier_memory(shape: ModelShape, cfg: Config, index: int, top_k: int, ranks: i
     p_frozen = shape.frozen_params()
     p_adapt = shape.adapter_params(lora.rank, lora.experts, lora.attention)
 
-    frozen = p_frozen * elem / (n if z >= 3 else 1)
-    master = 4 * p_adapt / (n if z >= 1 else 1) if (bf16 or z >= 1) else 0.0
-    adapters = elem * p_adapt / (n if z >= 3 else 1) + master
-    optimizer = 8 * p_adapt / (n if z >= 1 else 1)
-    gradients = 4 * p_adapt / (n if z >= 2 else 1) + (elem * p_adapt if bf16 and z < 2 else 0.0)
+    # Expert parallelism (tiers[].ep_size): a rank holds 1/ep of the experts and of their LoRA;
+    # ZeRO partitions the expert LoRA's states over the n/ep ranks holding the same experts,
+    # so what ZeRO partitions is p/n either way.
+    ep = cfg.tiers[index].ep_size if n > 1 else 1
+    H, I, E = shape.hidden, shape.intermediate, shape.experts
+    expert_frozen = shape.layers * E * 3 * H * I
+    expert_adapt = shape.layers * E * lora.rank * (2 * H + 3 * I) if lora.experts else 0
+    local_frozen = p_frozen - expert_frozen * (1 - 1 / ep)
+    local_adapt = p_adapt - expert_adapt * (1 - 1 / ep)
+
+    def per_rank(local, total, partitioned):
+        return total / n if partitioned else local
+
+    frozen = elem * per_rank(local_frozen, p_frozen, z >= 3)
+    master = 4 * per_rank(local_adapt, p_adapt, z >= 1) if (bf16 or z >= 1) else 0.0
+    adapters = elem * per_rank(local_adapt, p_adapt, z >= 3) + master
+    optimizer = 8 * per_rank(local_adapt, p_adapt, z >= 1)
+    gradients = 4 * per_rank(local_adapt, p_adapt, z >= 2) + (elem * local_adapt if bf16 and z < 2 else 0.0)
 
     tokens = math.ceil(cfg.train.batch_size / n) * cfg.train.max_length
     per = activation_bytes_per_token(shape, top_k, lora.rank, elem, lora.experts, lora.attention)

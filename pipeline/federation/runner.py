@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from pipeline.federation.sampling import (ADAPTER_INIT, LOCAL_DATA, assign_tiers
 from pipeline.federation.topology import Topology, current_topology
 from pipeline.model import (flops_per_token, init_adapter_state, load_adapter_state, save_merged,
                             set_base_delta, set_lora_rank, set_top_k)
+from pipeline.model.expert_parallel import gathered_experts
 from pipeline.model.routing import enable_routing_modulation, set_record_routing
 
 console = Console()
@@ -72,6 +74,7 @@ def setup(cfg: Config):
     info = ModelInfo(mcfg.num_hidden_layers, mcfg.num_experts, mcfg.num_experts_per_tok,
                      cfg.model.lora.rank, cfg.model.lora.alpha)
     strategy = build_strategy(cfg.algorithm.name, cfg.algorithm.options, info, tiers)
+    check_expert_parallel(cfg, strategy)
     apply_model_features(model, strategy, cfg)
     strategy.init_state(init_adapter_state(model, derive_seed(cfg.seed, ADAPTER_INIT)))
     data = load_federated_data(cfg, tokenizer)
@@ -91,13 +94,44 @@ def build(cfg: Config, run_dir: Path, resume_offset: int | None, parts=None) -> 
     model, tokenizer, tiers, strategy, data = parts or setup(cfg)
     topology = current_topology(cfg)
     topology.init_torch(cfg.federation.master_port)  # this group's own torch.distributed world
-    engine = ClientEngine(model, cfg.train, cfg.deepspeed)
+    engine = ClientEngine(model, cfg.train, cfg.deepspeed, ep_size=group_ep_size(cfg, topology))
     metrics = (MetricsLogger(run_dir, resume_offset=resume_offset, tensorboard=cfg.logging.tensorboard)
                if topology.writes else None)
     if topology.distributed:
         metrics = GroupMetrics(metrics)
     return Federation(cfg, run_dir, tiers, assign_tiers(cfg.federation.clients, tiers, cfg.seed),
                       data, tokenizer, engine, strategy, metrics, topology=topology)
+
+
+def group_ep_size(cfg: Config, topology: Topology) -> int:
+    """This group's expert-parallel size: its tier's `ep_size` (1 for the single-process group)."""
+    tier = topology.group.tier
+    return next((t.ep_size for t in cfg.tiers if t.name == tier), 1) if tier is not None else 1
+
+
+def check_expert_parallel(cfg: Config, strategy: Strategy) -> None:
+    """Methods that need every expert of a layer on one rank cannot run expert-parallel."""
+    if max((t.ep_size for t in cfg.tiers), default=1) <= 1:
+        return
+    if strategy.model_features.get("record_routing"):
+        raise UserError(f"algorithm {cfg.algorithm.name!r} with pseudo-gradients (options.pg) needs "
+                        "every expert's gradient of a layer on one rank: set algorithm.options.pg="
+                        "false or tiers[].ep_size=1")
+    if cfg.algorithm.name in ("flora", "fedex-lora"):
+        raise UserError(f"algorithm {cfg.algorithm.name!r} merges dense deltas into the experts' base "
+                        "weights, which expert parallelism does not slice yet: set tiers[].ep_size=1")
+
+
+@contextmanager
+def whole_model(fed: Federation):
+    """Evaluation and export run on world rank 0 with every expert: under expert parallelism
+    the ranks of group 0 all-gather the experts (gathered_experts) and rank 0 uses them alone."""
+    if fed.engine.ep_size == 1 or fed.topology is None or fed.topology.group.index != 0:
+        yield fed.engine.load_adapters
+        return
+    model = fed.engine.model
+    with gathered_experts(model):
+        yield lambda adapters: load_adapter_state(model, adapters)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,10 +274,11 @@ def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: Federated
 
 
 def evaluate(fed: Federation, round_: int) -> list[dict]:
-    if not fed.writes:  # other ranks hold the same state; rank 0 evaluates it
-        return []
-    rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data, fed.cfg.eval.batch_size,
-                          round_, fed.engine.load_adapters)
+    with whole_model(fed) as load_adapters:
+        if not fed.writes:  # other ranks hold the same state; rank 0 evaluates it
+            return []
+        rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data,
+                              fed.cfg.eval.batch_size, round_, load_adapters)
     for row in rows:
         row.update(fed.tier_stats.get(row["tier"], {}))  # the latest round's training cost and balance
         fed.metrics.log("eval", **row)
@@ -268,6 +303,13 @@ def save_round(fed: Federation, round_: int, offset: int | None = None) -> None:
 def write_final(fed: Federation) -> Path:
     """final/adapter.safetensors (+ base_delta.safetensors for merging methods), final/model/."""
     final = fed.run_dir / "final"
+    if fed.cfg.checkpoint.save_merged:
+        with whole_model(fed) as load_adapters:
+            return _write_final(fed, final, load_adapters)
+    return _write_final(fed, final, fed.engine.load_adapters)
+
+
+def _write_final(fed: Federation, final: Path, load_adapters) -> Path:
     if not fed.writes:
         return final
     tmp = fed.run_dir / ".final.tmp"
@@ -280,7 +322,7 @@ def write_final(fed: Federation) -> Path:
         save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp / "base_delta.safetensors"))
     if fed.cfg.checkpoint.save_merged:
         model = fed.engine.model
-        fed.engine.load_adapters(adapters)
+        load_adapters(adapters)
         set_base_delta(model, delta)
         set_top_k(model, model.config.num_experts_per_tok)
         set_lora_rank(model, fed.cfg.model.lora.rank)

@@ -16,9 +16,10 @@ outside the default process group, and everything else is the same. Without a la
 with one rank) there is one group of one rank and mpi4py is never imported: the
 single-process path is the embedded default.
 
-Not here yet: expert parallelism inside a group. The model's block takes its process group as
-an argument (DESIGN.md, Model), so it would be an `ep_size` per tier that splits a group's torch
-world into expert-parallel sub-groups; today every rank of a group holds all experts.
+Expert parallelism inside a group: a tier's `ep_size` (a divisor of its `ranks` and of the
+expert count) splits the group's torch world into DeepSpeed's expert-parallel groups of
+`ep_size` consecutive ranks, each rank holding its share of every layer's experts and their
+LoRA (pipeline/engine/expert_parallel.py, pipeline/model/expert_parallel.py).
 """
 from __future__ import annotations
 

@@ -190,6 +190,10 @@ class HeteroMoEBlock(nn.Module):
         self.record_counts = True
         self.record_routing = False
         self.last_routing: Routing | None = None
+        # Expert parallelism (pipeline.model.expert_parallel): this rank holds experts
+        # [expert_start, expert_start + num_experts / ep_size) of every fused tensor.
+        self.ep_group = None
+        self.ep_rank, self.ep_size, self.expert_start = 0, 1, 0
 
     # ------------------------------------------------------------------ LoRA
     @property
@@ -293,8 +297,11 @@ class HeteroMoEBlock(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts)
         if self.record_counts and not _in_backward():
             self.token_counts += counts
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         token = order // k
+        if self.ep_size > 1:
+            y = self._dispatch_ep(x[token], weights.reshape(-1)[order], counts)
+            return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
 
         xs = x[token]
         gate, up = self._project(xs, "gate_up", offsets).chunk(2, dim=-1)
@@ -303,6 +310,35 @@ class HeteroMoEBlock(nn.Module):
         h = self.experts.act_fn(gate) * up * weights.reshape(-1)[order, None].to(up.dtype)
         y = self._project(h, "down", offsets)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
+
+    def _dispatch_ep(self, xs: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+        """Expert parallelism: `xs` [S, H] are the routed rows sorted by expert, `w` their
+        routing weights, `counts` [E] rows per expert. Rows (with their weight as one more
+        column, so the router's gradient travels back too) go to the rank owning their expert,
+        the local experts compute them, and the results come back in `xs`'s order."""
+        from pipeline.model.expert_parallel import all_to_all
+
+        group, P = self.ep_group, self.ep_size
+        L = self.num_experts // P
+        # recv[s, j]: rows rank s sends to my local expert j (experts are contiguous per rank).
+        recv = torch.empty_like(counts)
+        torch.distributed.all_to_all_single(recv, counts.contiguous(), group=group)
+        recv = recv.view(P, L)
+        send_sizes = counts.view(P, L).sum(1).tolist()
+        recv_sizes = recv.sum(1).tolist()
+        rows = all_to_all(torch.cat([xs, w[:, None].to(xs.dtype)], 1), send_sizes, recv_sizes, group)
+        # Received rows are ordered by source rank, then local expert: regroup by local expert.
+        local_expert = torch.repeat_interleave(torch.arange(L, device=rows.device).repeat(P),
+                                               recv.reshape(-1))
+        perm = torch.argsort(local_expert, stable=True)
+        rows = rows[perm]
+        offsets = torch.cumsum(recv.sum(0), 0, dtype=torch.int32)
+        xr, wr = rows[:, :-1], rows[:, -1:]
+        gate, up = self._project(xr, "gate_up", offsets).chunk(2, dim=-1)
+        h = self.experts.act_fn(gate) * up * wr.to(up.dtype)
+        y = self._project(h, "down", offsets)
+        y = y[torch.argsort(perm)]  # back to source order
+        return all_to_all(y, recv_sizes, send_sizes, group)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, rank={self.rank}, "

@@ -68,3 +68,56 @@ def test_override_syntax():
     raw = {}
     with pytest.raises(ConfigError, match="expected key=value"):
         apply_override(raw, "train.lr")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tiers.0.ranks=4", "tiers.0.ep_size=3"], "tiers.0.ep_size: must be a divisor of tiers.0.ranks=4"),
+    (["tiers.0.ep_size=0"], "tiers.0.ep_size: must be a divisor"),
+    (["tiers.1.ep_size=2"], "tiers.1.ep_size: must be a divisor of tiers.1.ranks=1"),
+])
+def test_ep_size_must_divide_the_tiers_ranks(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DEFAULT_CONFIG, overrides)
+
+
+def test_ep_size_must_divide_the_expert_count():
+    cfg = load_config(DEFAULT_CONFIG, ["tiers.0.ranks=6", "tiers.0.ep_size=3"])
+    assert cfg.tiers[0].ep_size == 3
+    with pytest.raises(ConfigError, match="tiers.0.ep_size: must divide the model's 32 experts, got 3"):
+        resolve_tiers(cfg, num_experts=32, k_max=8)
+    cfg = load_config(DEFAULT_CONFIG, ["tiers.0.ranks=4", "tiers.0.ep_size=4"])
+    resolve_tiers(cfg, num_experts=32, k_max=8)
+
+
+def test_methods_needing_a_whole_layer_refuse_expert_parallelism():
+    from types import SimpleNamespace
+
+    from pipeline.errors import UserError
+    from pipeline.federation.runner import check_expert_parallel
+
+    cfg = load_config(DEFAULT_CONFIG, ["tiers.0.ranks=2", "tiers.0.ep_size=2", "algorithm.name=ubsmoe"])
+    with pytest.raises(UserError, match="options.pg"):
+        check_expert_parallel(cfg, SimpleNamespace(model_features={"record_routing": True}))
+    check_expert_parallel(cfg, SimpleNamespace(model_features={"record_routing": False}))
+    cfg = load_config(DEFAULT_CONFIG, ["tiers.0.ranks=2", "tiers.0.ep_size=2", "algorithm.name=flora"])
+    with pytest.raises(UserError, match="flora"):
+        check_expert_parallel(cfg, SimpleNamespace(model_features={}))
+    cfg = load_config(DEFAULT_CONFIG, ["algorithm.name=flora"])
+    check_expert_parallel(cfg, SimpleNamespace(model_features={}))  # ep_size 1: anything goes
+
+
+def test_memory_plan_counts_each_ranks_share_of_the_experts():
+    from pipeline.federation.memory import model_shape, tier_memory
+
+    shape = model_shape("assets/tiny-olmoe")
+    experts = shape.layers * shape.experts * 3 * shape.hidden * shape.intermediate
+    for zero in (0, 2):
+        base = ["tiers.0.ranks=2", "model.source=assets/tiny-olmoe", f"deepspeed.zero_stage={zero}"]
+        a, b = (tier_memory(shape, load_config(DEFAULT_CONFIG, base + extra), 0, 8, 2)
+                for extra in ([], ["tiers.0.ep_size=2"]))
+        assert a.frozen - b.frozen == pytest.approx(4 * experts / 2)  # fp32: half the experts
+        assert b.adapters < a.adapters
+        if zero == 0:  # unpartitioned states follow the local experts
+            assert b.optimizer < a.optimizer and b.gradients < a.gradients
+        else:  # ZeRO partitions every adapter's states over the group either way
+            assert b.optimizer == a.optimizer and b.gradients == a.gradients

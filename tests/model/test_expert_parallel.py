@@ -1,0 +1,94 @@
+"""Expert parallelism over 2 gloo processes: the same block outputs and gradients as one process."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipeline.model import build_model, patch_olmoe
+from pipeline.model.adapters import is_expert_adapter
+from pipeline.model.expert_parallel import (enable_expert_parallel, gather_expert_tensor,
+                                            gathered_experts, local_expert_slice)
+from pipeline.model.routing import moe_blocks
+
+CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=4,
+              max_position_embeddings=64, eos_token_id=None, pad_token_id=0)
+
+
+def _model():
+    model = patch_olmoe(build_model(CONFIG, seed=0), lora_rank=2, lora_alpha=4.0)
+    with torch.no_grad():  # non-zero B so that every LoRA factor gets a gradient
+        for name, p in model.named_parameters():
+            if is_expert_adapter(name):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    return model
+
+
+def _reference(x):
+    model = _model()
+    block = moe_blocks(model)[0]
+    x = x.clone().requires_grad_(True)
+    y = block(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in block.named_parameters() if p.grad is not None}
+    return y.detach(), x.grad, grads, block.token_counts.clone()
+
+
+def _worker(rank, port, x, want, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = _model()
+        enable_expert_parallel(model, dist.group.WORLD)
+        block = moe_blocks(model)[0]
+        assert block.lora_gate_up_A.shape[0] == 4 and block.experts.down_proj.shape[0] == 4
+        rows = x.shape[0] // 2
+        mine = x[rank * rows:(rank + 1) * rows].clone().requires_grad_(True)
+        y = block(mine)
+        weight = torch.linspace(-1, 1, want[0].numel()).view_as(want[0])[rank * rows:(rank + 1) * rows]
+        (y * weight).sum().backward()
+        torch.testing.assert_close(y.detach(), want[0][rank * rows:(rank + 1) * rows])
+        torch.testing.assert_close(mine.grad, want[1][rank * rows:(rank + 1) * rows])
+        for name, p in block.named_parameters():
+            if p.grad is None:
+                continue
+            if name.startswith("lora_") or name.startswith("experts."):  # local experts' share
+                torch.testing.assert_close(p.grad, local_expert_slice(want[2][name], block), msg=name)
+            else:  # router: each rank has its tokens' share of the gradient
+                total = p.grad.clone()
+                dist.all_reduce(total)
+                torch.testing.assert_close(total, want[2][name], msg=name)
+        counts = block.token_counts.clone()
+        dist.all_reduce(counts)
+        assert torch.equal(counts, want[3])
+        full = gather_expert_tensor(block.lora_down_B, block)
+        with gathered_experts(model):
+            assert torch.equal(block.lora_down_B, full) and block.ep_size == 1
+            if rank == 0:  # one rank alone computes with all experts
+                torch.testing.assert_close(block(x).detach(), want[0])
+        assert block.ep_size == 2 and block.lora_down_B.shape[0] == 4
+        queue.put((rank, None))
+    except BaseException as exc:  # noqa: BLE001
+        queue.put((rank, repr(exc)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_expert_parallel_ranks_match_one_process():
+    from pipeline.engine.client import free_port
+
+    x = torch.randn(12, 32, generator=torch.Generator().manual_seed(3))
+    want = _reference(x)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, x, want, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(queue.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert results == {0: None, 1: None}
