@@ -12,9 +12,9 @@ from pipeline.model.expert_parallel import (enable_expert_parallel, gather_exper
                                             gathered_experts, local_expert_slice)
 from pipeline.model.routing import moe_blocks
 
-CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=4,
-              max_position_embeddings=64, eos_token_id=None, pad_token_id=0)
+from .conftest import SMALL_OLMOE
+
+CONFIG = SMALL_OLMOE
 
 
 def _model():

@@ -5,9 +5,9 @@ from pipeline.model import build_model, patch_olmoe, set_top_k
 from pipeline.model.routing import (enable_routing_modulation, moe_blocks, selection_bias,
                                     set_record_routing, set_selection_bias)
 
-CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
-              num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=4,
-              max_position_embeddings=64, eos_token_id=None, pad_token_id=0)
+from .conftest import SMALL_OLMOE
+
+CONFIG = SMALL_OLMOE
 
 
 def _block():
