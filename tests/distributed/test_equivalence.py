@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from .conftest import TINY, fedmoe, mpiexec
+from .conftest import TINY, mpiexec
 
 pytestmark = pytest.mark.slow
 

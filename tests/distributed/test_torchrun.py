@@ -22,7 +22,7 @@ from pipeline.errors import UserError
 
 from tests.conftest import GROUPS_OF_TWO
 
-from .conftest import ENV, REPO, SCRIPTS, TINY, fedmoe, mpiexec
+from .conftest import ENV, REPO, SCRIPTS, TINY, fedmoe
 
 BIN = Path(sys.executable).parent
 

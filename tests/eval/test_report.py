@@ -129,7 +129,7 @@ def test_base_only_run(tmp_path):
     run = _write_run(tmp_path / "run", rounds=0, config=False, chance_in_events=False)
     text = write_report(run).read_text()
     assert text.startswith("# fedmoe report: unknown algorithm")
-    assert f"| low | 1 | 25.00% | 25.00% | 25.00% (round 0) | +0.00 pp |" in text
+    assert "| low | 1 | 25.00% | 25.00% | 25.00% (round 0) | +0.00 pp |" in text
     assert "No training rounds recorded yet." in text
     for name in ("accuracy", "expert_load", "train_loss"):
         assert _is_png(run / "plots" / f"{name}.png")

@@ -1,7 +1,6 @@
 """Expert parallelism over 2 gloo processes: the same block outputs and gradients as one process."""
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
