@@ -23,6 +23,20 @@ def tiny_olmoe(tiny_olmoe_config):
 GROUPS_OF_TWO = ("tiers.0.ranks=2", "tiers.1.ranks=2", "deepspeed.zero_stage=2")
 
 
+def set_args(overrides) -> list[str]:
+    """`--set KEY=VALUE` for each override, as the CLI takes them."""
+    return [x for o in overrides for x in ("--set", o)]
+
+
+def relative_difference(got: dict, want: dict) -> float:
+    """||got - want|| / ||want|| over a whole adapter set (same keys required)."""
+    import torch
+
+    assert got.keys() == want.keys()
+    diff = torch.sqrt(sum(((got[k] - want[k]) ** 2).sum() for k in want))
+    return float(diff / torch.sqrt(sum((want[k] ** 2).sum() for k in want)))
+
+
 @pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory):
     """One uninterrupted single-process run of the tiny config."""
@@ -39,7 +53,7 @@ def mpi_groups_of_two(tmp_path_factory):
     from tests.distributed.conftest import TINY, mpiexec
 
     out = tmp_path_factory.mktemp("mpi-groups-of-two") / "run"
-    sets = [x for o in GROUPS_OF_TWO for x in ("--set", o)]
-    proc = mpiexec(4, "-m", "pipeline.cli", "run", "--config", TINY, "--out", out, *sets, timeout=300)
+    proc = mpiexec(4, "-m", "pipeline.cli", "run", "--config", TINY, "--out", out, *set_args(GROUPS_OF_TWO),
+                   timeout=300)
     assert proc.stdout.count("done: adapters in") == 1  # only world rank 0 reports
     return out

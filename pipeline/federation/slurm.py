@@ -1,4 +1,4 @@
-"""`fedmoe plan --sbatch`: SLURM resources for an MPI layout (slurm/README.md).
+"""`fedmoe plan --sbatch`: SLURM resources for an MPI layout (README.md, "Cluster (SLURM)").
 
 Each rank drives one GPU. `srun`'s default block distribution gives a node contiguous ranks,
 and a layout's client groups are contiguous ranks, so packing groups onto nodes is packing
@@ -126,7 +126,7 @@ def submit_command(plan: SbatchPlan, config: str, run_dir: str, overrides: Seque
     return " ".join(shlex.quote(w) for w in words)
 
 
-def hetjob_components(layout, cfg: Config) -> list[tuple[str, int]] | None:
+def hetjob_components(layout) -> list[tuple[str, int]] | None:
     """(tier, ranks) per het-job component when each tier has at most one group, in rank order:
     `srun --het-group=0,...` numbers the components' tasks in component order, which then is the
     layout's rank order. None when a tier has several groups (the ranks of one tier are not
@@ -155,7 +155,7 @@ def sbatch_text(cfg: Config, layout, config: str, run_dir: str, overrides: Seque
         lines.append("#   the nodes hold different numbers of ranks: FEDMOE_TASKS_PER_NODE (below) makes "
                      "slurm/fedmoe.sbatch place them with srun --distribution=arbitrary")
     memories = sorted({t.gpu_memory_gb for t in cfg.tiers})
-    components = hetjob_components(layout, cfg)
+    components = hetjob_components(layout)
     if len(memories) > 1:
         lines.append(f"#   tiers ask for GPUs of {', '.join(f'{m:g}' for m in memories)} GiB: one job gets one "
                      f"kind of node, so its GPUs must hold {memories[-1]:g} GiB"

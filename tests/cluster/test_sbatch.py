@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.cluster.conftest import REPO, SHIMS, TINY
+from tests.conftest import set_args
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +38,7 @@ def _env(tmp_path, **extra):
 def reference(tmp_path_factory):
     """The same config in one plain process, uninterrupted."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    sets = [a for o in OVERRIDES for a in ("--set", o)]
+    sets = set_args(OVERRIDES)
     subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "--config", CONFIG, "--out", str(out), *sets],
                    cwd=REPO, env=_env(tmp_path_factory.mktemp("ref-env")), check=True, capture_output=True,
                    timeout=300)
@@ -61,7 +62,7 @@ def _submit_stop_resume(tmp_path, script, job_id, sbatch_options, env_extra, ref
     """Submit, USR1 the batch script once round 1 is checkpointed, check the requeue request, run
     the script again as the requeued job, compare its final adapters with `reference`."""
     run, log = tmp_path / "run", tmp_path / f"job-{job_id}.log"
-    sets = [a for o in OVERRIDES for a in ("--set", o)]
+    sets = set_args(OVERRIDES)
     cmd = ["sbatch", *sbatch_options, f"--output={tmp_path}/job-%j.log", str(script), CONFIG, str(run), *sets]
     env = _env(tmp_path, SHIM_JOB_ID=job_id, **env_extra)
     job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)  # becomes the script
@@ -134,7 +135,7 @@ def test_launch_mpirun_stop_and_rerun_resumes(tmp_path, reference):
     """launch/mpirun.sh: SIGUSR1 to the script (now mpiexec) stops the ranks with a checkpoint;
     the same command resumes and ends with the single-process adapters."""
     run = tmp_path / "run"
-    sets = [a for o in OVERRIDES for a in ("--set", o)]
+    sets = set_args(OVERRIDES)
     cmd = [str(REPO / "launch" / "mpirun.sh"), "2", CONFIG, str(run), *sets]
     env = _env(tmp_path, PYTHON=sys.executable)
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)

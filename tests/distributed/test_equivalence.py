@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import relative_difference, set_args
+
 from .conftest import TINY, mpiexec
 
 pytestmark = pytest.mark.slow
@@ -46,8 +48,7 @@ def _same_record(mpi_run, reference, loss_rtol):
 
 
 def _run_mpi(n, out, *overrides):
-    sets = [x for o in overrides for x in ("--set", o)]
-    proc = mpiexec(n, "-m", "pipeline.cli", "run", "--config", TINY, "--out", out, *sets)
+    proc = mpiexec(n, "-m", "pipeline.cli", "run", "--config", TINY, "--out", out, *set_args(overrides))
     assert proc.stdout.count("done: adapters in") == 1  # only world rank 0 reports
 
 
@@ -68,10 +69,7 @@ def test_two_groups_of_two_ranks_under_zero2_match_the_single_process_run(refere
     out = mpi_groups_of_two
     want = load_file(reference / "final" / "adapter.safetensors")
     got = load_file(out / "final" / "adapter.safetensors")
-    assert got.keys() == want.keys()
-    diff = torch.sqrt(sum(((got[k] - want[k]) ** 2).sum() for k in want))
-    norm = torch.sqrt(sum((want[k] ** 2).sum() for k in want))
-    assert diff / norm <= 1e-5
+    assert relative_difference(got, want) <= 1e-5
     assert any(not torch.equal(got[k], want[k]) for k in want)  # it did run data-parallel
     for k in want:  # a coarse per-tensor bound: a lost shard or client would move whole tensors
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-2 * want[k].abs().max().item(), msg=k)

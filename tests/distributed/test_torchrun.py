@@ -14,13 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from pipeline.engine.client import free_port
 from pipeline.errors import UserError
 
-from tests.conftest import GROUPS_OF_TWO
+from tests.conftest import GROUPS_OF_TWO, relative_difference, set_args
 
 from .conftest import ENV, REPO, SCRIPTS, TINY, fedmoe
 
@@ -48,16 +47,6 @@ def launch(launcher: str, n: int, *args, timeout=300, check=True) -> subprocess.
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-2000:]}\n"
                              f"{proc.stderr[-4000:]}")
     return proc
-
-
-def _sets(overrides):
-    return [x for o in overrides for x in ("--set", o)]
-
-
-def _relative(got, want) -> float:
-    assert got.keys() == want.keys()
-    diff = torch.sqrt(sum(((got[k] - want[k]) ** 2).sum() for k in want))
-    return float(diff / torch.sqrt(sum((want[k] ** 2).sum() for k in want)))
 
 
 def _files(run):
@@ -96,11 +85,11 @@ def test_watchdog_over_torchcomm_ends_the_job_when_a_rank_never_arrives(mode):
 def test_four_cpu_processes_under_a_torchrun_style_launcher_end_like_mpiexec(launcher, mpi4, tmp_path):
     out = tmp_path / launcher
     proc = launch(launcher, 4, "-m", "pipeline.cli", "run", "--config", TINY, "--out", out,
-                  *_sets(GROUPS_OF_TWO))
+                  *set_args(GROUPS_OF_TWO))
     assert proc.stdout.count("done: adapters in") == 1  # only world rank 0 reports
     got = load_file(out / "final" / "adapter.safetensors")
     want = load_file(mpi4 / "final" / "adapter.safetensors")
-    assert _relative(got, want) <= 1e-5
+    assert relative_difference(got, want) <= 1e-5
     assert _record(out) == _record(mpi4) and _files(out) == _files(mpi4)
 
 
@@ -117,7 +106,7 @@ def test_a_run_of_four_mpi_ranks_resumes_in_one_process(mpi4, tmp_path):
     fedmoe("resume", run)
     got = load_file(run / "final" / "adapter.safetensors")
     want = load_file(mpi4 / "final" / "adapter.safetensors")
-    assert _relative(got, want) <= 1e-5
+    assert relative_difference(got, want) <= 1e-5
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [e["round"] for e in events if e["event"] == "round"] == [1, 2, 3]
     assert [e["status"] for e in events if e["event"] == "run"] == ["started", "resumed", "finished"]
