@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -45,15 +46,24 @@ def write_atomic(path: Path, text: str) -> None:
     _fsync_path(path.parent)
 
 
+def staging_dir(run_dir: Path, round_: int) -> Path:
+    """Where round `round_`'s checkpoint is assembled before it is renamed into place."""
+    return checkpoint_dir(run_dir) / f".tmp-round-{round_:06d}"
+
+
+def clear_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
 def save_checkpoint(run_dir: Path, round_: int, tensors: dict[str, Tensor], meta: dict[str, Any],
-                    keep: int = 2) -> Path:
+                    keep: int = 2, staged: bool = False) -> Path:
+    """`staged`: the expert shards are already in `staging_dir` (save_expert_shard, other ranks)."""
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"round-{round_:06d}"
-    tmp = root / f".tmp-round-{round_:06d}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = staging_dir(run_dir, round_)
+    if not staged:
+        clear_dir(tmp)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
     _fsync_path(tmp / TENSORS)
     (tmp / META).write_text(json.dumps({"round": round_, **meta}, indent=1))
@@ -92,10 +102,104 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return rounds[-1] if rounds else None
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_meta(path: Path) -> dict[str, Any]:
     try:
-        meta = json.loads((path / META).read_text())
-        tensors = load_file(str(path / TENSORS))
+        return json.loads((path / META).read_text())
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: unreadable checkpoint ({exc})") from None
+
+
+def load_checkpoint(path: Path, expert_range: tuple[int, int] | None = None
+                    ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The state and its metadata; expert shards (if any) joined, or with `expert_range` only
+    those experts' rows, read without loading the other rows."""
+    try:
+        meta = load_meta(path)
+        tensors = load_file(str(path / TENSORS))
+        tensors.update(read_expert_rows(expert_shards(path), expert_range))
+    except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises its own errors as these
+        raise UserError(f"{path}: unreadable checkpoint ({exc})") from None
     return tensors, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert shards: under expert-sharded aggregation each writer rank saves its experts' rows of
+# the expert tensors as experts-START-STOP.safetensors (federation/expert_shards.py).
+
+def save_expert_shard(directory: Path, tensors: dict[str, Tensor], start: int, stop: int) -> Path:
+    path = Path(directory) / f"experts-{start:05d}-{stop:05d}.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    _fsync_path(path)
+    return path
+
+
+def expert_shards(directory: Path) -> list[tuple[int, int, Path]]:
+    """(start, stop, file) of the expert shards in `directory`, by start."""
+    out = []
+    for path in Path(directory).glob("experts-*-*.safetensors"):
+        _, start, stop = path.name[:-len(".safetensors")].split("-")
+        out.append((int(start), int(stop), path))
+    return sorted(out)
+
+
+def read_expert_rows(shards: list[tuple[int, int, Path]], rows: tuple[int, int] | None = None
+                     ) -> dict[str, Tensor]:
+    """Every key of the shards, rows [start, stop) of the whole tensors (None: all rows)."""
+    from safetensors import safe_open
+
+    parts: dict[str, list[Tensor]] = {}
+    for start, stop, path in shards:
+        lo, hi = (start, stop) if rows is None else (max(start, rows[0]), min(stop, rows[1]))
+        if lo >= hi:
+            continue
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                parts.setdefault(key, []).append(fh.get_slice(key)[lo - start:hi - start])
+    return {k: torch.cat(v) for k, v in parts.items()}
+
+
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+                       torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}
+
+
+def join_expert_shards(out: Path, tensors: dict[str, Tensor], shards: list[tuple[int, int, Path]]) -> None:
+    """One safetensors file of `tensors` plus the shards' tensors joined along experts.
+
+    Written by hand (the format is an 8-byte header length, a JSON header of dtypes, shapes
+    and byte offsets, then the bytes) so that one shard's rows are in memory at a time: the
+    joining rank never holds every expert's tensors, as `save_file` of a dict would need.
+    """
+    from safetensors import safe_open
+
+    handles = [safe_open(str(path), framework="pt") for _, _, path in shards]
+    entries: dict[str, tuple[str, list[int]]] = {k: (_SAFETENSORS_DTYPES[v.dtype], list(v.shape))
+                                                 for k, v in tensors.items()}
+    for key in (handles[0].keys() if handles else []):
+        piece = handles[0].get_slice(key)
+        rows = sum(h.get_slice(key).get_shape()[0] for h in handles)
+        entries[key] = (piece.get_dtype(), [rows] + list(piece.get_shape()[1:]))
+    header, offset = {}, 0
+    for key in sorted(entries):
+        dtype, shape = entries[key]
+        size = _nbytes(dtype, shape)
+        header[key] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format aligns the data to 8 bytes
+    with open(out, "wb") as fh:
+        fh.write(len(text).to_bytes(8, "little"))
+        fh.write(text)
+        for key in sorted(entries):
+            pieces = [tensors[key]] if key in tensors else (h.get_tensor(key) for h in handles)
+            for piece in pieces:
+                fh.write(piece.contiguous().view(-1).view(torch.uint8).numpy().data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _nbytes(dtype: str, shape: list[int]) -> int:
+    itemsize = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2}[dtype]
+    n = itemsize
+    for d in shape:
+        n *= d
+    return n

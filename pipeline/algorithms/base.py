@@ -15,6 +15,7 @@ from torch import Tensor
 
 from pipeline.config import Tier
 from pipeline.errors import ConfigError
+from pipeline.model.adapters import is_expert_adapter
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,10 @@ class Strategy:
 
     name = "base"
     option_defaults: dict[str, Any] = {}
+    # True when contribution and finalize treat every expert's rows of the expert-LoRA tensors
+    # on their own: under expert parallelism a rank then holds, aggregates and checkpoints only
+    # its experts' rows (`shard_experts`). False: whole tensors are gathered for the method.
+    expert_sharded = False
 
     def __init__(self, options: dict, model: ModelInfo, tiers: list[Tier]):
         unknown = sorted(set(options) - set(self.option_defaults))
@@ -74,6 +79,19 @@ class Strategy:
         self.model = model
         self.tiers = tiers
         self.global_adapters: dict[str, Tensor] = {}
+        self.expert_range: tuple[int, int] | None = None  # None: every expert
+
+    def shard_experts(self, start: int, stop: int) -> None:
+        """Keep only experts [start, stop) of the expert-LoRA tensors (expert_sharded methods)."""
+        if not self.expert_sharded:
+            raise TypeError(f"{self.name} aggregates whole expert tensors; it cannot be sharded")
+        self.expert_range = (start, stop)
+        self.global_adapters = {k: v[start:stop].clone() if is_expert_adapter(k) else v
+                                for k, v in self.global_adapters.items()}
+
+    def expert_rows(self, per_expert: Tensor) -> Tensor:
+        """This strategy's experts of a `[..., E]` per-expert statistic (all of them unsharded)."""
+        return per_expert if self.expert_range is None else per_expert[..., slice(*self.expert_range)]
 
     # --- server state -------------------------------------------------------------------
     def init_state(self, initial_adapters: dict[str, Tensor]) -> None:

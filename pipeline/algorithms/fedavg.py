@@ -13,6 +13,7 @@ from pipeline.config import Tier
 @register
 class FedAvg(Strategy):
     name = "fedavg"
+    expert_sharded = True  # a per-key weighted average
 
     def plan(self, client_id: int, round_: int, tier: Tier, seed: int) -> ClientPlan:
         plan = super().plan(client_id, round_, tier, seed)

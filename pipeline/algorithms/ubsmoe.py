@@ -46,6 +46,7 @@ def is_expert_lora(name: str) -> bool:
 @register
 class UBSMoE(Strategy):
     name = "ubsmoe"
+    expert_sharded = True  # adapters per key (fedavg) or per expert (expert-wise); the rest is [L, E]
     option_defaults = {
         "dmr": True, "pg": True, "reg": True,
         "rho": "sparsity", "aggregation": "fedavg", "pg_scope": "inactive",
@@ -127,7 +128,7 @@ class UBSMoE(Strategy):
             counts = update.expert_token_counts.double()
             for k, v in update.adapters.items():
                 if is_expert_lora(k):
-                    c = counts[layer_of(k)]
+                    c = self.expert_rows(counts[layer_of(k)])
                     out[f"ew/{k}"] = v.double() * c.view(-1, *([1] * (v.dim() - 1)))
             out["ew_counts"] = counts
         tokens = max(update.tokens, 1)
@@ -144,7 +145,7 @@ class UBSMoE(Strategy):
             counts = sums["ew_counts"]
             for k, v in previous.items():
                 if is_expert_lora(k):
-                    c = counts[layer_of(k)].view(-1, *([1] * (v.dim() - 1)))
+                    c = self.expert_rows(counts[layer_of(k)]).view(-1, *([1] * (v.dim() - 1)))
                     # An expert no client routed a token to keeps its previous value.
                     new[k] = torch.where(c > 0, sums[f"ew/{k}"] / c.clamp_min(1e-12), v.double()).to(v.dtype)
             new = {k: new[k] for k in previous}

@@ -89,9 +89,10 @@ class ClientEngine:
 
     The engine spans this process's torch.distributed world (one client group): with more than
     one rank it is data-parallel, every rank taking its shard of each batch (data_parallel.py).
-    With `ep_size` > 1 each rank also holds only its share of the experts (expert_parallel.py);
-    adapters still come in and go out as full tensors: `read_adapters` all-gathers the expert
-    LoRA over the expert-parallel group and `load_adapters` takes this rank's slice.
+    With `ep_size` > 1 each rank also holds only its share of the experts (expert_parallel.py):
+    `load_adapters` takes whole expert tensors (it keeps this rank's rows) or this rank's rows;
+    `read_adapters` returns this rank's rows when `sharded_io` is set (the method aggregates
+    by expert shard), else all-gathers whole tensors over the expert-parallel group.
     """
 
     def __init__(self, model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig,
@@ -105,6 +106,7 @@ class ClientEngine:
         self.dp_rank = dist.get_rank() if world_size > 1 else 0
         self.train_cfg = train
         self.ep_size = ep_size
+        self.sharded_io = False
         config = deepspeed_config(train, ds, world_size)
         if ep_size > 1:
             if world_size % ep_size:
@@ -139,7 +141,7 @@ class ClientEngine:
         with torch.no_grad():
             for name, p in self.params.items():
                 value = adapters[name]
-                if name in self.expert_names:
+                if name in self.expert_names and value.shape[0] != p.shape[0]:  # whole -> this rank's rows
                     value = ep.local_expert_slice(value, self.expert_names[name])
                 p.data.copy_(value.to(p.dtype))
                 if self.keeps_master_copy:
@@ -152,7 +154,7 @@ class ClientEngine:
         for name, p in self.params.items():
             full = safe_get_full_fp32_param(p) if self.keeps_master_copy else None
             value = full if full is not None else p.data
-            if name in self.expert_names:
+            if name in self.expert_names and not self.sharded_io:
                 value = ep.gather_expert_tensor(value, self.expert_names[name])
             out[name] = value.detach().float().cpu().clone()
         return out

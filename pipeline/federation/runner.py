@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import save_file
@@ -26,6 +26,7 @@ from pipeline.eval.report import balance_stats, write_report
 from pipeline.eval.scoring import evaluate_choices
 from pipeline.federation import signals
 from pipeline.federation.distributed import GroupMetrics, reduce_round
+from pipeline.federation.expert_shards import ExpertShards, is_expert_key
 from pipeline.federation.inputs import FederatedData, load_federated_data, load_patched_model
 from pipeline.federation.sampling import (ADAPTER_INIT, LOCAL_DATA, assign_tiers, derive_seed,
                                           local_batches, sample_clients)
@@ -57,6 +58,7 @@ class Federation:
     metrics: MetricsLogger
     tier_stats: dict = field(default_factory=dict)
     topology: Topology | None = None  # this rank's client group under MPI (None: one process)
+    shards: ExpertShards | None = None  # this rank's experts, when the method aggregates by shard
 
     @property
     def writes(self) -> bool:  # only world rank 0 writes metrics, checkpoints and outputs
@@ -94,19 +96,32 @@ def build(cfg: Config, run_dir: Path, resume_offset: int | None, parts=None) -> 
     model, tokenizer, tiers, strategy, data = parts or setup(cfg)
     topology = current_topology(cfg)
     topology.init_torch(cfg.federation.master_port)  # this group's own torch.distributed world
-    engine = ClientEngine(model, cfg.train, cfg.deepspeed, ep_size=group_ep_size(cfg, topology))
+    engine = ClientEngine(model, cfg.train, cfg.deepspeed, ep_size=tier_ep_size(cfg, topology.group.tier))
+    shards = expert_shards(cfg, topology, strategy, model.config.num_experts)
+    if shards is not None:  # from here on this rank holds only its experts' adapters
+        strategy.shard_experts(*shards.range)
+        engine.sharded_io = True
     metrics = (MetricsLogger(run_dir, resume_offset=resume_offset, tensorboard=cfg.logging.tensorboard)
                if topology.writes else None)
     if topology.distributed:
         metrics = GroupMetrics(metrics)
     return Federation(cfg, run_dir, tiers, assign_tiers(cfg.federation.clients, tiers, cfg.seed),
-                      data, tokenizer, engine, strategy, metrics, topology=topology)
+                      data, tokenizer, engine, strategy, metrics, topology=topology, shards=shards)
 
 
-def group_ep_size(cfg: Config, topology: Topology) -> int:
-    """This group's expert-parallel size: its tier's `ep_size` (1 for the single-process group)."""
-    tier = topology.group.tier
-    return next((t.ep_size for t in cfg.tiers if t.name == tier), 1) if tier is not None else 1
+def tier_ep_size(cfg: Config, tier: str | None) -> int:
+    """A tier's expert-parallel size (1 for the single-process group, whose tier is None)."""
+    return next((t.ep_size for t in cfg.tiers if t.name == tier), 1)
+
+
+def expert_shards(cfg: Config, topology: Topology, strategy: Strategy, num_experts: int) -> ExpertShards | None:
+    """Expert-sharded aggregation when some group is expert-parallel and the method allows it."""
+    if not topology.distributed or not strategy.expert_sharded:
+        return None
+    groups = [(g.size, tier_ep_size(cfg, g.tier)) for g in topology.layout.groups]
+    if max(p for _, p in groups) == 1:
+        return None
+    return ExpertShards(topology.world, topology.rank, groups, num_experts)
 
 
 def check_expert_parallel(cfg: Config, strategy: Strategy) -> None:
@@ -122,16 +137,13 @@ def check_expert_parallel(cfg: Config, strategy: Strategy) -> None:
                         "weights, which expert parallelism does not slice yet: set tiers[].ep_size=1")
 
 
-@contextmanager
-def whole_model(fed: Federation):
-    """Evaluation and export run on world rank 0 with every expert: under expert parallelism
-    the ranks of group 0 all-gather the experts (gathered_experts) and rank 0 uses them alone."""
-    if fed.engine.ep_size == 1 or fed.topology is None or fed.topology.group.index != 0:
-        yield fed.engine.load_adapters
-        return
-    model = fed.engine.model
-    with gathered_experts(model):
-        yield lambda adapters: load_adapter_state(model, adapters)
+def evaluates(fed: Federation) -> bool:
+    """Evaluation and export run on world rank 0; under expert parallelism its whole
+    expert-parallel group (the first ranks of group 0) computes with it."""
+    topology = fed.topology
+    if fed.engine.ep_size == 1 or topology is None or topology.group.index != 0:
+        return fed.writes
+    return topology.group_rank < fed.engine.ep_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +229,7 @@ def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
         raise signals.Preempted(round_ - 1, offset)
     if fed.topology is not None:  # every group's sums, loads and updates, identical on all ranks
         sums, load, accepted, updates = reduce_round(fed.topology, cfg.federation.collective_timeout,
-                                                     fed.metrics, sums, load, accepted, updates)
+                                                     fed.metrics, sums, load, accepted, updates, fed.shards)
     if len(accepted) < cfg.federation.min_clients:
         raise RoundFailed(f"round {round_}: {len(accepted)} of {len(clients)} clients reported, "
                           f"federation.min_clients={cfg.federation.min_clients}")
@@ -274,11 +286,12 @@ def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: Federated
 
 
 def evaluate(fed: Federation, round_: int) -> list[dict]:
-    with whole_model(fed) as load_adapters:
-        if not fed.writes:  # other ranks hold the same state; rank 0 evaluates it
-            return []
-        rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data,
-                              fed.cfg.eval.batch_size, round_, load_adapters)
+    if not evaluates(fed):  # other ranks hold the same state; rank 0 evaluates it
+        return []
+    rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data,
+                          fed.cfg.eval.batch_size, round_, fed.engine.load_adapters)
+    if not fed.writes:
+        return []
     for row in rows:
         row.update(fed.tier_stats.get(row["tier"], {}))  # the latest round's training cost and balance
         fed.metrics.log("eval", **row)
@@ -290,46 +303,75 @@ def evaluate(fed: Federation, round_: int) -> list[dict]:
 
 
 def save_round(fed: Federation, round_: int, offset: int | None = None) -> None:
+    """Every rank calls it: with expert shards their writers save their rows first."""
+    if fed.shards is None and not fed.writes:
+        return
+    tensors = fed.strategy.state_dict()
+    state, tensors = tensors["meta"], tensors["tensors"]
+    if fed.shards is not None:
+        tensors = stage_expert_rows(fed, checkpoint.staging_dir(fed.run_dir, round_), tensors)
     if not fed.writes:
         return
-    state = fed.strategy.state_dict()
     offset = fed.metrics.offset() if offset is None else offset
-    checkpoint.save_checkpoint(fed.run_dir, round_, state["tensors"],
-                               {"strategy": state["meta"], "metrics_offset": offset,
+    checkpoint.save_checkpoint(fed.run_dir, round_, tensors,
+                               {"strategy": state, "metrics_offset": offset,
                                 "algorithm": fed.cfg.algorithm.name},
-                               keep=fed.cfg.checkpoint.keep)
+                               keep=fed.cfg.checkpoint.keep, staged=fed.shards is not None)
+
+
+def stage_expert_rows(fed: Federation, directory: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The shard writers save their experts' rows of `tensors` into `directory` (emptied
+    first); returns the other tensors, for world rank 0. A collective: every rank calls it."""
+    if fed.writes:
+        checkpoint.clear_dir(directory)
+    fed.topology.barrier()
+    if fed.shards.writes:
+        checkpoint.save_expert_shard(directory, {k: v for k, v in tensors.items() if is_expert_key(k)},
+                                     *fed.shards.range)
+    fed.topology.barrier()
+    return {k: v for k, v in tensors.items() if not is_expert_key(k)}
 
 
 def write_final(fed: Federation) -> Path:
-    """final/adapter.safetensors (+ base_delta.safetensors for merging methods), final/model/."""
-    final = fed.run_dir / "final"
-    if fed.cfg.checkpoint.save_merged:
-        with whole_model(fed) as load_adapters:
-            return _write_final(fed, final, load_adapters)
-    return _write_final(fed, final, fed.engine.load_adapters)
-
-
-def _write_final(fed: Federation, final: Path, load_adapters) -> Path:
-    if not fed.writes:
-        return final
-    tmp = fed.run_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    """final/adapter.safetensors (+ base_delta.safetensors for merging methods), final/model/.
+    Every rank calls it; with expert shards the adapter file is joined from the writers' rows."""
+    final, tmp = fed.run_dir / "final", fed.run_dir / ".final.tmp"
     adapters = fed.strategy.eval_adapters(None)
-    save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / "adapter.safetensors"))
-    delta = fed.strategy.base_delta()
-    if delta:
-        save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp / "base_delta.safetensors"))
-    if fed.cfg.checkpoint.save_merged:
-        model = fed.engine.model
-        load_adapters(adapters)
-        set_base_delta(model, delta)
-        set_top_k(model, model.config.num_experts_per_tok)
-        set_lora_rank(model, fed.cfg.model.lora.rank)
-        save_merged(model, tmp / "model", tokenizer=fed.tokenizer)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    if fed.shards is not None:
+        adapters = stage_expert_rows(fed, tmp, adapters)
+    elif fed.writes:
+        checkpoint.clear_dir(tmp)
+    if fed.writes:
+        shards = checkpoint.expert_shards(tmp)
+        if shards:
+            checkpoint.join_expert_shards(tmp / "adapter.safetensors", adapters, shards)
+            for _, _, path in shards:
+                path.unlink()
+        else:
+            save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / "adapter.safetensors"))
+        delta = fed.strategy.base_delta()
+        if delta:
+            save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp / "base_delta.safetensors"))
+    if fed.cfg.checkpoint.save_merged and evaluates(fed):
+        export_merged(fed, tmp / "model")
+    if fed.writes:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
     return final
+
+
+def export_merged(fed: Federation, out: Path) -> None:
+    """The merged model at full top-k and rank, written by world rank 0. Under expert
+    parallelism its expert-parallel group all-gathers the experts first (gathered_experts):
+    the one place where a rank holds every expert, because the export is the whole model."""
+    model = fed.engine.model
+    fed.engine.load_adapters(fed.strategy.eval_adapters(None))
+    set_base_delta(model, fed.strategy.base_delta())
+    set_top_k(model, model.config.num_experts_per_tok)
+    set_lora_rank(model, fed.cfg.model.lora.rank)
+    with gathered_experts(model):
+        if fed.writes:
+            save_merged(model, out, tokenizer=fed.tokenizer)
 
 
 def _progress(enabled: bool) -> Progress | None:
@@ -340,11 +382,13 @@ def _progress(enabled: bool) -> Progress | None:
 
 
 def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | None,
-            state: dict | None, parts=None) -> Path | None:
-    """Run rounds start_round..rounds; `state` is a loaded checkpoint (None for a fresh run)."""
+            state: Path | None, parts=None) -> Path | None:
+    """Run rounds start_round..rounds; `state` is the checkpoint to resume (None: a fresh run),
+    of which a rank with expert shards reads only its experts' rows."""
     fed = build(cfg, run_dir, resume_offset, parts)
     if state is not None:
-        fed.strategy.load_state_dict(state)
+        tensors, meta = checkpoint.load_checkpoint(state, fed.shards.range if fed.shards else None)
+        fed.strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
     fed.metrics.log("run", status="resumed" if state else "started", round=start_round)
     show = cfg.logging.progress and fed.writes
     progress = _progress(show)
@@ -443,15 +487,14 @@ def resume_run(run_dir: Path) -> Path:
     latest = checkpoint.latest_checkpoint(run_dir)
     if latest is None:  # killed before the base checkpoint: start over in place
         return execute(cfg, run_dir, start_round=0, resume_offset=0, state=None)
-    tensors, meta = checkpoint.load_checkpoint(latest)
+    meta = checkpoint.load_meta(latest)
     if meta.get("algorithm") != cfg.algorithm.name:
         raise UserError(f"{latest}: checkpoint of {meta.get('algorithm')!r}, config says {cfg.algorithm.name!r}")
     done = meta["round"]
     if done >= cfg.federation.rounds and (run_dir / "final" / "adapter.safetensors").is_file():
         console.print(f"{run_dir}: already finished ({done} rounds)")
         return run_dir / "final"
-    state = {"tensors": tensors, "meta": meta["strategy"]}
-    return execute(cfg, run_dir, start_round=done + 1, resume_offset=meta["metrics_offset"], state=state)
+    return execute(cfg, run_dir, start_round=done + 1, resume_offset=meta["metrics_offset"], state=latest)
 
 
 def evaluate_run(run_dir: Path, checkpoint_path: Path | None = None) -> list[dict]:

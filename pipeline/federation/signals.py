@@ -71,11 +71,15 @@ def pause(fed, stop: Preempted, save_round) -> None:
 
     from pipeline import checkpoint
 
+    behind = None
     if fed.writes:
         latest = checkpoint.latest_checkpoint(fed.run_dir)
-        done = int(latest.name.split("-")[1]) if latest is not None else -1
-        if stop.completed > done:
-            save_round(fed, stop.completed, offset=stop.metrics_offset)
+        behind = stop.completed > (int(latest.name.split("-")[1]) if latest is not None else -1)
+    if fed.shards is not None:  # expert shards: every rank takes part in saving
+        behind = fed.topology.world.bcast(behind, root=0)
+    if behind:
+        save_round(fed, stop.completed, offset=stop.metrics_offset)
+    if fed.writes:
         # After the offset: a resumed run truncates it away with the abandoned round's events.
         fed.metrics.log("run", status="stopped", round=stop.completed)
         print(f"fedmoe: {stop}; `fedmoe resume {fed.run_dir}` continues from it", flush=True)

@@ -30,7 +30,9 @@ def _events(run):
 
 
 def _files(run):
-    return sorted(str(p.relative_to(run)) for p in run.rglob("*") if "tensorboard" not in p.parts)
+    """The run's files; expert shards (present when the run aggregated by expert shard) aside."""
+    return sorted(str(p.relative_to(run)) for p in run.rglob("*")
+                  if "tensorboard" not in p.parts and not p.name.startswith("experts-"))
 
 
 def _same_record(mpi_run, reference, loss_rtol):
