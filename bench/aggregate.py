@@ -1,17 +1,19 @@
 """Cross-group aggregation (federation/collectives.py) against a raw MPI Allreduce of the same bytes.
 
-Prints ratios, asserts nothing. Each rank plays one client group of one rank and holds a
-contribution dict of float64 tensors (adapter-sized pieces plus a weight) totalling SIZE; the
-timed path is what the runner does at the end of a round: agree on the key layout (small
-allgather), pack into one buffer, `Allreduce(IN_PLACE)`, unpack into tensors. The reference is
-`Allreduce(IN_PLACE)` on one preallocated numpy buffer of the same bytes: the floor.
+Prints ratios, asserts nothing. Each rank plays one client group of one rank whose clients'
+contributions (float64 tensors, adapter-sized pieces plus a weight, totalling SIZE) were added
+into a `PackedSums` as they finished, as the runner does. Timed is what the runner does at the
+end of a round: agree on the key layout (a small allgather; in the runner it rides on the
+round's metadata exchange, which happens anyway), `Allreduce(IN_PLACE)` on the PackedSums'
+buffers, and the views of the result. The reference is `Allreduce(IN_PLACE)` on one
+preallocated numpy buffer of the same bytes: the floor. For comparison, `pack` is the path
+for a plain dict of sums: the same plus a copy into a fresh buffer (the runner's path before
+PackedSums).
 
     mpiexec -n 4 python -m mpi4py bench/aggregate.py [--sizes-mb 1 4 16 64 256] [--tensor-kb 512]
 
-Ratio = ours / raw; the overhead is the key agreement, two copies (pack, unpack) and their
-allocation, which matter most at small sizes and on shared-memory transports, where the
-Allreduce itself is a memory copy too. On 2 cores with 4 ranks every rank competes for CPU,
-so absolute times mean little; ratios are what to read.
+On 2 cores with 4 ranks every rank competes for CPU, so absolute times mean little; ratios
+are what to read.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from pipeline.federation.collectives import agree, allreduce_sums, local_spec, union_spec
+from pipeline.federation.collectives import PackedSums, agree, allreduce_sums, local_spec, union_spec
 
 
 def contribution(total_bytes: int, tensor_bytes: int, rank: int) -> dict[str, torch.Tensor]:
@@ -63,26 +65,30 @@ def main() -> None:
     leaders = comm.Split(color=0, key=rank)
     if rank == 0:
         print(f"{size} ranks, groups of 1 rank, float64 contributions in {args.tensor_kb} KB tensors")
-        print(f"{'MB':>6} {'tensors':>8} {'raw s':>9} {'ours s':>9} {'ours/raw':>9}")
+        print("ratios to raw: sums = in-place Allreduce of the PackedSums; +layout = with the layout "
+              "allgather; dict = a plain dict packed first")
+        print(f"{'MB':>6} {'tensors':>8} {'raw s':>9} {'sums s':>9} {'sums':>6} {'+layout':>8} {'dict':>6}")
     for mb in args.sizes_mb:
         nbytes = int(mb * 2**20)
-        sums = contribution(nbytes, args.tensor_kb * 1024, rank)
+        contrib = contribution(nbytes, args.tensor_kb * 1024, rank)
+        sums = PackedSums()
+        sums.add(contrib)
         raw = np.random.default_rng(rank).standard_normal(nbytes // 8)
 
-        def ours():
-            spec = union_spec(agree(local_spec(sums), group_comm, leaders))
-            return allreduce_sums(sums, spec, group_comm, leaders)
+        def layout():
+            return union_spec(agree(local_spec(sums.packed_tensors()), group_comm, leaders))
 
-        def reference():
-            leaders.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM)
-
-        ours()  # warm-up (allocation, connection set-up)
-        reference()
-        t_ours = timed(ours, comm, args.reps)
-        t_raw = timed(reference, comm, args.reps)
+        spec = layout()
+        runs = {"raw": lambda: leaders.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM),
+                "sums": lambda: allreduce_sums(sums, spec, group_comm, leaders),
+                "+layout": lambda: allreduce_sums(sums, layout(), group_comm, leaders),
+                "dict": lambda: allreduce_sums(contrib, layout(), group_comm, leaders)}
+        for fn in runs.values():  # warm-up (allocation, connection set-up)
+            fn()
+        t = {name: timed(fn, comm, args.reps) for name, fn in runs.items()}
         if rank == 0:
-            print(f"{mb:>6g} {len(sums):>8} {t_raw:>9.4f} {t_ours:>9.4f} {t_ours / t_raw:>9.2f}", flush=True)
-        del sums, raw
+            ratios = " ".join(f"{t[n] / t['raw']:>{w}.2f}" for n, w in (("sums", 6), ("+layout", 8), ("dict", 6)))
+            print(f"{mb:>6g} {len(contrib):>8} {t['raw']:>9.4f} {t['sums']:>9.4f} {ratios}", flush=True)
 
 
 if __name__ == "__main__":

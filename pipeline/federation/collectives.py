@@ -114,14 +114,84 @@ def _torch_dtype(wire: np.dtype) -> torch.dtype:
     return torch.from_numpy(np.zeros(0, dtype=wire)).dtype
 
 
-def allreduce_sums(sums: Mapping[str, Tensor], spec: Sequence[Entry], group_comm, leaders) -> dict[str, Tensor]:
-    """Sum `sums` over all groups: Allreduce among leaders (`leaders` is None on other ranks),
-    then Bcast from each leader to its group. `spec` must be the agreed union on every rank.
+class PackedSums:
+    """Running sums of client contributions, kept where the cross-group Allreduce reads them:
+    views into one flat buffer per wire dtype, in `spec` order. Adding into the buffers as
+    clients finish saves the pack copy at the end of the round, which cost about as much as
+    the Allreduce itself (bench/aggregate.py). `layout` (last round's agreed spec) lays out the
+    keys of a steady run once; a key outside it re-lays the buffers (a copy). Keys that
+    `packed` rejects (expert rows, summed elsewhere) are kept as plain tensors.
+    """
+
+    def __init__(self, layout: Sequence[Entry] = (), packed=None):
+        self.packed = packed or (lambda key: True)
+        self.plain: dict[str, Tensor] = {}
+        self.used: set[str] = set()  # keys some contribution reached: the ones that are sums
+        self.spec: list[Entry] = []
+        self.views: dict[str, Tensor] = {}
+        self.buffers = empty_buffers(self.spec)
+        self.lay_out(layout)
+
+    def lay_out(self, spec: Sequence[Entry]) -> None:
+        """Move the sums into buffers laid out as `spec` (a no-op when they already are)."""
+        spec = list(spec)
+        if spec == self.spec:
+            return
+        missing = self.used - {e.key for e in spec}
+        if missing:
+            raise KeyError(f"keys not in the agreed layout: {sorted(missing)[:3]}")
+        kept = {k: self.views[k].clone() for k in self.used}
+        self.spec, self.buffers = spec, empty_buffers(spec)
+        self.views = _views(self.buffers, spec)
+        for key, value in kept.items():
+            self.views[key].copy_(value)
+
+    def add(self, contribution: Mapping[str, Tensor]) -> None:
+        packed = {k: v for k, v in contribution.items() if self.packed(k)}
+        new = local_spec({k: v for k, v in packed.items()
+                          if k not in self.views or tuple(self.views[k].shape) != tuple(v.shape)})
+        if new:  # one re-layout for all new keys
+            changed = {e.key for e in new}
+            self.lay_out(sorted([e for e in self.spec if e.key not in changed] + new, key=lambda e: e.key))
+        for key, value in packed.items():
+            self.views[key].add_(value.detach().to(device="cpu", dtype=self.views[key].dtype))
+            self.used.add(key)
+        for key, value in contribution.items():
+            if key not in packed:
+                self.plain[key] = self.plain[key] + value if key in self.plain else value.clone()
+
+    def packed_tensors(self) -> dict[str, Tensor]:
+        """The packed sums in their own dtypes (views into the buffers unless converted)."""
+        return {e.key: self.views[e.key].to(_DTYPES[e.dtype]) for e in self.spec if e.key in self.used}
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {**self.packed_tensors(), **self.plain}
+
+
+def _views(buffers: Mapping[str, np.ndarray], spec: Sequence[Entry]) -> dict[str, Tensor]:
+    """Tensors over the buffers' slices, in the wire dtypes."""
+    out, offsets = {}, dict.fromkeys(buffers, 0)
+    for entry in spec:
+        wire = entry.wire.str
+        start = offsets[wire]
+        offsets[wire] = start + entry.numel
+        out[entry.key] = torch.from_numpy(buffers[wire][start:start + entry.numel]).reshape(entry.shape)
+    return out
+
+
+def allreduce_sums(sums, spec: Sequence[Entry], group_comm, leaders) -> dict[str, Tensor]:
+    """Sum `sums` (a dict of tensors, or PackedSums) over all groups: Allreduce among leaders
+    (`leaders` is None on other ranks), then Bcast from each leader to its group. `spec` must
+    be the agreed union on every rank; PackedSums are reduced in their own buffers.
     The comms are mpi4py's or TorchComm (torchrun-style launchers): the same calls either way."""
     from pipeline.federation.torchcomm import api
 
     MPI = api(leaders if leaders is not None else group_comm)
-    buffers = pack(sums, spec) if leaders is not None else empty_buffers(spec)
+    if isinstance(sums, PackedSums):  # in place; other ranks of the group receive the Bcast there
+        sums.lay_out(spec)
+        buffers = sums.buffers
+    else:
+        buffers = pack(sums, spec) if leaders is not None else empty_buffers(spec)
     for wire in sorted(buffers):  # same order on every rank
         buf = buffers[wire]
         if leaders is not None:

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from pipeline.algorithms import ClientUpdate
-from pipeline.federation.collectives import agree, allreduce_sums, local_spec, union_spec
-from pipeline.federation.expert_shards import ExpertShards, is_expert_key, whole_spec
+from pipeline.federation.collectives import PackedSums, agree, allreduce_sums, local_spec, union_spec
+from pipeline.federation.expert_shards import ExpertShards, whole_spec
 
 _LOAD = "\x00load/"  # expert loads per tier ride in the same buffer as the contributions
 
@@ -114,21 +114,21 @@ def _summary(update: ClientUpdate) -> ClientUpdate:
                                expert_token_counts=update.expert_token_counts.numpy())
 
 
-def reduce_round(topology, timeout: float, metrics, sums: dict[str, Tensor],
+def reduce_round(topology, timeout: float, metrics, sums: PackedSums,
                  load: dict[str, Tensor], accepted: list[int], updates: list[ClientUpdate],
                  shards: ExpertShards | None = None):
     """This group's round results -> the world's: (sums, load, accepted, updates), identical on
-    every rank except, with `shards`, the expert tensors: this rank's rows of the world's sums.
-    Events of every group are logged by world rank 0, in client order. A collective that waits
-    longer than `timeout` seconds (0: no limit) aborts the job."""
-    if not topology.distributed:
-        return sums, load, accepted, updates
+    every rank except, with `shards`, the expert tensors (kept out of the packed sums): this
+    rank's rows of the world's sums. Events of every group are logged by world rank 0, in
+    client order. A collective that waits longer than `timeout` seconds (0: no limit) aborts
+    the job. Afterwards `sums.spec` is the agreed layout, for the next round's PackedSums."""
+    if topology is None or not topology.distributed:
+        return sums.tensors(), load, accepted, updates
     watchdog = Watchdog(timeout, topology.world, topology.rank)
-    local = {k: v for k, v in sums.items() if shards is None or not is_expert_key(k)}
-    local.update({_LOAD + tier: counts for tier, counts in load.items()})
-    experts = {k: v for k, v in sums.items() if k not in local}
+    sums.add({_LOAD + tier: counts for tier, counts in load.items()})
+    experts = sums.plain
     events = metrics.take() if isinstance(metrics, GroupMetrics) else []
-    mine = {"spec": local_spec(local), "accepted": accepted, "events": events,
+    mine = {"spec": local_spec(sums.packed_tensors()), "accepted": accepted, "events": events,
             "updates": [_summary(u) for u in updates],
             "experts": whole_spec(local_spec(experts), shards.num_experts) if shards else []}
     watchdog.arrive("the end of the round (waiting for every client group)")
@@ -136,7 +136,7 @@ def reduce_round(topology, timeout: float, metrics, sums: dict[str, Tensor],
         groups = agree(mine, topology.group_comm, topology.leaders)
     spec = union_spec([g["spec"] for g in groups])
     with watchdog.guard("the cross-group Allreduce of client contributions"):
-        total = allreduce_sums(local, spec, topology.group_comm, topology.leaders)
+        total = allreduce_sums(sums, spec, topology.group_comm, topology.leaders)
     if shards is not None:
         with watchdog.guard("the Allreduce of expert contributions among each shard's owners"):
             total.update(shards.allreduce(experts, union_spec([g["experts"] for g in groups])))

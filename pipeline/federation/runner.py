@@ -25,6 +25,7 @@ from pipeline.eval.metrics import MetricsLogger, round_table
 from pipeline.eval.report import balance_stats, write_report
 from pipeline.eval.scoring import evaluate_choices
 from pipeline.federation import signals
+from pipeline.federation.collectives import PackedSums
 from pipeline.federation.distributed import GroupMetrics, reduce_round
 from pipeline.federation.expert_shards import ExpertShards, is_expert_key
 from pipeline.federation.inputs import FederatedData, load_federated_data, load_patched_model
@@ -59,6 +60,7 @@ class Federation:
     tier_stats: dict = field(default_factory=dict)
     topology: Topology | None = None  # this rank's client group under MPI (None: one process)
     shards: ExpertShards | None = None  # this rank's experts, when the method aggregates by shard
+    sums_layout: list = field(default_factory=list)  # the last round's agreed PackedSums layout
 
     @property
     def writes(self) -> bool:  # only world rank 0 writes metrics, checkpoints and outputs
@@ -198,7 +200,7 @@ def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
     start = time.perf_counter()
     clients = sample_clients(cfg.federation.clients, cfg.federation.clients_per_round, cfg.seed, round_)
     set_base_delta(fed.engine.model, strategy.base_delta())
-    sums: dict[str, torch.Tensor] = {}
+    sums = PackedSums(fed.sums_layout, packed=(lambda k: not is_expert_key(k)) if fed.shards else None)
     load: dict[str, torch.Tensor] = {}
     accepted, updates = [], []
     plan_shapes = strategy.global_adapters  # updates must match the global adapters' keys and shapes
@@ -219,17 +221,17 @@ def run_round(fed: Federation, round_: int, progress: Progress | None) -> dict:
             continue
         accepted.append(client)
         updates.append(update)
-        for key, value in strategy.contribution(update).items():
-            sums[key] = sums[key] + value if key in sums else value.clone()
+        sums.add(strategy.contribution(update))
         tier = update.tier.name
         load[tier] = load.get(tier, 0) + update.expert_token_counts
         fed.metrics.log("client", round=round_, client=client, tier=tier, top_k=update.top_k,
                         lora_rank=update.lora_rank, n_samples=update.n_samples, **update.metrics)
     if signals.agree(fed.topology, cfg.federation.collective_timeout):  # any rank stopped: drop the round
         raise signals.Preempted(round_ - 1, offset)
-    if fed.topology is not None:  # every group's sums, loads and updates, identical on all ranks
-        sums, load, accepted, updates = reduce_round(fed.topology, cfg.federation.collective_timeout,
-                                                     fed.metrics, sums, load, accepted, updates, fed.shards)
+    packed = sums  # every group's sums, loads and updates, identical on all ranks
+    sums, load, accepted, updates = reduce_round(fed.topology, cfg.federation.collective_timeout,
+                                                 fed.metrics, packed, load, accepted, updates, fed.shards)
+    fed.sums_layout = packed.spec
     if len(accepted) < cfg.federation.min_clients:
         raise RoundFailed(f"round {round_}: {len(accepted)} of {len(clients)} clients reported, "
                           f"federation.min_clients={cfg.federation.min_clients}")

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.federation.collectives import (Entry, buffer_sizes, local_spec, pack, union_spec,
-                                             unpack)
+from pipeline.federation.collectives import (Entry, PackedSums, buffer_sizes, local_spec, pack,
+                                             union_spec, unpack)
 from pipeline.federation.distributed import GroupMetrics
 
 
@@ -88,6 +88,37 @@ def test_conflicting_shapes_and_unsummable_dtypes_are_refused():
     with pytest.raises(ValueError, match="shape"):
         pack({"sum/a": torch.zeros(4, 3, dtype=torch.float64)}, spec)
     assert buffer_sizes(spec) == {np.dtype(np.float64).str: 12}
+
+
+def test_packed_sums_equal_the_direct_sum_and_reuse_their_layout():
+    clients = [_group(seed, ["sum/a", "sum/b", "weight", "counts"]) for seed in (6, 7, 8)]
+    clients[1]["expert"] = torch.ones(2, dtype=torch.float64)  # kept plain: summed elsewhere
+    sums = PackedSums(packed=lambda k: k != "expert")
+    for c in clients:
+        sums.add(c)
+    want = {}
+    for c in clients:
+        for k, v in c.items():
+            want[k] = want[k] + v if k in want else v.clone()
+    got = sums.tensors()
+    assert got.keys() == want.keys() and "expert" not in sums.packed_tensors()
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    # the sums live in the buffers the Allreduce sends: no pack copy
+    assert sums.buffers[np.dtype(np.float64).str].size == 12 + 1 and [e.key for e in sums.spec] == [
+        "counts", "sum/a", "sum/b", "weight"]
+    # next round, laid out from the agreed spec: adding the same keys keeps the buffers
+    again = PackedSums(sums.spec)
+    buffers = again.buffers
+    again.add(clients[0])
+    assert again.buffers is buffers and torch.equal(again.tensors()["sum/a"], clients[0]["sum/a"])
+    # a wider agreed layout (another group's key) keeps the sums and adds zeros
+    wider = union_spec([again.spec, local_spec({"half": torch.zeros(2, 2, dtype=torch.bfloat16)})])
+    again.lay_out(wider)
+    assert torch.equal(again.tensors()["sum/a"], clients[0]["sum/a"])
+    assert torch.all(unpack(again.buffers, wider)["half"] == 0)
+    with pytest.raises(KeyError):
+        again.lay_out(wider[1:])  # drops a key that holds a sum
 
 
 def test_group_metrics_holds_client_events_for_the_collective():

@@ -36,7 +36,7 @@ def train_client(fed, *args, **kwargs):
 
 
 def reduce_round(*args, **kwargs):
-    note("round sums in", args[3])
+    note("round sums in", args[3].tensors())
     out = real_reduce(*args, **kwargs)
     note("round sums out", out[0])
     return out
