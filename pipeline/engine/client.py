@@ -135,6 +135,20 @@ class ClientEngine:
     def model(self) -> torch.nn.Module:
         return self.engine.module
 
+    @property
+    def unmapped_masters(self) -> dict[int, Tensor]:
+        """fp32 master copies that DeepSpeed's safe_{get,set}_full_fp32_param cannot reach, by
+        id of the model parameter. At ZeRO 0 with bf16 DeepSpeed wraps a non-fused optimizer in
+        FP16_UnfusedOptimizer, whose masters (`fp32_groups`, parallel to `fp16_groups`) carry
+        no `_hp_mapping`: writing only `p.data` there is undone by the next step, so a client
+        would silently train from the previous one's adapters."""
+        if not hasattr(self, "_unmapped_masters"):
+            opt = self.engine.optimizer
+            low, high = getattr(opt, "fp16_groups", None), getattr(opt, "fp32_groups", None)
+            self._unmapped_masters = ({id(lp): hp for lg, hg in zip(low, high) for lp, hp in zip(lg, hg)}
+                                      if isinstance(low, list) and isinstance(high, list) else {})
+        return self._unmapped_masters
+
     def load_adapters(self, adapters: dict[str, Tensor]) -> None:
         from deepspeed.utils import safe_set_full_fp32_param
 
@@ -144,7 +158,9 @@ class ClientEngine:
                 if name in self.expert_names and value.shape[0] != p.shape[0]:  # whole -> this rank's rows
                     value = ep.local_expert_slice(value, self.expert_names[name])
                 p.data.copy_(value.to(p.dtype))
-                if self.keeps_master_copy:
+                if id(p) in self.unmapped_masters:
+                    self.unmapped_masters[id(p)].copy_(value)
+                elif self.keeps_master_copy:
                     safe_set_full_fp32_param(p, value.float())
 
     def read_adapters(self) -> dict[str, Tensor]:
@@ -152,7 +168,9 @@ class ClientEngine:
 
         out = {}
         for name, p in self.params.items():
-            full = safe_get_full_fp32_param(p) if self.keeps_master_copy else None
+            full = self.unmapped_masters.get(id(p))
+            if full is None and self.keeps_master_copy:
+                full = safe_get_full_fp32_param(p)
             value = full if full is not None else p.data
             if name in self.expert_names and not self.sharded_io:
                 value = ep.gather_expert_tensor(value, self.expert_names[name])
