@@ -9,10 +9,12 @@ of virtual clients, each in a fresh process, with the same clients per round, an
 - peak RSS of the run's process (ru_maxrss): must not grow with the number of virtual clients,
   since a client is a seed and a data shard, not a model or optimizer.
 
-    python bench/round_overhead.py [--clients 10 100] [--rounds 3] [--local-steps 10]
+    python bench/round_overhead.py [--clients 10 100] [--rounds 3] [--local-steps 10] [--ranks 4]
 
-Prints numbers, asserts nothing. Single process; under MPI each group's clients run in
-parallel and the cross-group sum is timed by bench/aggregate.py.
+Prints numbers, asserts nothing. With `--ranks N` each run is `mpiexec -n N` (N client groups
+of one rank serving the virtual clients) and the peak RSS is the largest rank's; the overhead
+column is then left out, since groups train in parallel (the cross-group sum is timed by
+bench/aggregate.py).
 """
 from __future__ import annotations
 
@@ -38,7 +40,14 @@ def child(out: str, overrides: list[str]) -> None:
     for item in overrides:
         args += ["--set", item]
     code = main(args)
-    print(json.dumps({"exit": code, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print(json.dumps({"exit": code, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}), flush=True)
+
+
+def launch(ranks: int) -> list[str]:
+    if ranks == 1:
+        return [sys.executable]
+    beside = Path(sys.executable).parent / "mpiexec"
+    return [str(beside) if beside.exists() else "mpiexec", "-n", str(ranks), sys.executable, "-m", "mpi4py"]
 
 
 def overheads(run: Path) -> list[float]:
@@ -56,28 +65,31 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--local-steps", type=int, default=10)
+    p.add_argument("--ranks", type=int, default=1, help="MPI ranks (client groups of one rank)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         child(args.child[0], args.child[1:])
         return
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    print(f"tiny config, {args.rounds} rounds, 4 clients a round, {args.local_steps} local steps")
-    print(f"{'clients':>8} {'peak RSS MiB':>13} {'round overhead (median, max)':>30}")
+    print(f"tiny config, {args.rounds} rounds, 4 clients a round, {args.local_steps} local steps, "
+          f"{args.ranks} rank(s)")
+    print(f"{'clients':>8} {'peak RSS MiB':>13} {'round overhead (median, max)' if args.ranks == 1 else '':>30}")
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.clients:
             run = Path(tmp) / f"clients-{n}"
             sets = [f"federation.clients={n}", "federation.clients_per_round=4",
                     f"federation.rounds={args.rounds}", f"train.local_steps={args.local_steps}",
                     "data.n_train_per_family=100", "checkpoint.save_merged=false", "logging.progress=false"]
-            proc = subprocess.run([sys.executable, __file__, "--child", str(run), *sets], cwd=REPO, env=env,
-                                  capture_output=True, text=True)
-            result = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
-            if result.get("exit") != 0:
+            proc = subprocess.run([*launch(args.ranks), __file__, "--child", str(run), *sets], cwd=REPO,
+                                  env=env, capture_output=True, text=True)
+            results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"exit"')]
+            if proc.returncode != 0 or len(results) != args.ranks or any(r["exit"] != 0 for r in results):
                 sys.exit(f"run with {n} clients failed:\n{proc.stderr[-2000:]}")
-            rss = result["maxrss_kib"] / 1024
+            rss = max(r["maxrss_kib"] for r in results) / 1024
             ov = overheads(run)
-            print(f"{n:>8} {rss:>13.0f} {statistics.median(ov) * 100:>20.1f}%, {max(ov) * 100:.1f}%")
+            spread = f"{statistics.median(ov) * 100:>20.1f}%, {max(ov) * 100:.1f}%" if args.ranks == 1 else ""
+            print(f"{n:>8} {rss:>13.0f} {spread}", flush=True)
 
 
 if __name__ == "__main__":
