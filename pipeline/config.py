@@ -310,7 +310,7 @@ def validate(cfg: Config) -> None:
     _check(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)")
     _check(tr.max_length >= 8, "train.max_length", f"must be >= 8, got {tr.max_length}")
     _check(tr.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {tr.precision!r}")
-    _check(cfg.deepspeed.zero_stage in (0, 1, 2), "deepspeed.zero_stage",
+    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage",
            f"must be 0, 1 or 2, got {cfg.deepspeed.zero_stage} (ZeRO-3 is not supported yet: adapters, "
            "routing state and base deltas are read and written as whole tensors)")
     if cfg.deepspeed.config is not None:
