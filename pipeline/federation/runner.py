@@ -273,12 +273,21 @@ def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: Federated
     return rows
 
 
+def in_step_with_writer(fed: Federation) -> bool:
+    """Ranks that run evaluation and export: rank 0 and, where group 0's weights are ZeRO-3
+    partitions, every rank of group 0, since each forward and write gathers them together."""
+    return fed.writes or (fed.engine.zero_stage == 3 and fed.topology is not None
+                          and fed.topology.group.index == 0)
+
+
 def evaluate(fed: Federation, round_: int) -> list[dict]:
     with whole_model(fed) as load_adapters:
-        if not fed.writes:  # other ranks hold the same state; rank 0 evaluates it
+        if not in_step_with_writer(fed):  # other ranks hold the same state; rank 0 evaluates it
             return []
         rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data,
                               fed.cfg.eval.batch_size, round_, load_adapters)
+    if not fed.writes:
+        return []
     for row in rows:
         row.update(fed.tier_stats.get(row["tier"], {}))  # the latest round's training cost and balance
         fed.metrics.log("eval", **row)
@@ -311,6 +320,9 @@ def write_final(fed: Federation) -> Path:
 
 def _write_final(fed: Federation, final: Path, load_adapters) -> Path:
     if not fed.writes:
+        if in_step_with_writer(fed) and fed.cfg.checkpoint.save_merged:  # ZeRO-3: rank 0's gathers
+            _prepare_merge(fed, load_adapters, fed.strategy.eval_adapters(None), fed.strategy.base_delta())
+            save_merged(fed.engine.model, None)
         return final
     tmp = fed.run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -321,15 +333,19 @@ def _write_final(fed: Federation, final: Path, load_adapters) -> Path:
     if delta:
         save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp / "base_delta.safetensors"))
     if fed.cfg.checkpoint.save_merged:
-        model = fed.engine.model
-        load_adapters(adapters)
-        set_base_delta(model, delta)
-        set_top_k(model, model.config.num_experts_per_tok)
-        set_lora_rank(model, fed.cfg.model.lora.rank)
-        save_merged(model, tmp / "model", tokenizer=fed.tokenizer)
+        _prepare_merge(fed, load_adapters, adapters, delta)
+        save_merged(fed.engine.model, tmp / "model", tokenizer=fed.tokenizer)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     return final
+
+
+def _prepare_merge(fed: Federation, load_adapters, adapters: dict, delta: dict) -> None:
+    model = fed.engine.model
+    load_adapters(adapters)
+    set_base_delta(model, delta)
+    set_top_k(model, model.config.num_experts_per_tok)
+    set_lora_rank(model, fed.cfg.model.lora.rank)
 
 
 def _progress(enabled: bool) -> Progress | None:
