@@ -24,6 +24,7 @@ from pipeline.config import DeepSpeedConfig, TrainConfig
 from pipeline.engine import data_parallel as dp
 from pipeline.engine import expert_parallel as ep
 from pipeline.engine import zero3
+from pipeline.model.zero3 import gathered
 from pipeline.model import (adapter_parameters, expert_token_counts, is_expert_adapter,
                             reset_expert_token_counts, set_lora_rank, set_top_k)
 
@@ -210,7 +211,10 @@ class ClientEngine:
             else:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = scaled = self.engine(**batch).loss
-            extra = extra_loss(self.model) if extra_loss else None
+            extra = None
+            if extra_loss:  # it may read adapters outside a forward: whole under ZeRO-3 too
+                with gathered(self.params.values()):
+                    extra = extra_loss(self.model)
             total = scaled + extra if extra is not None else scaled
             self.engine.backward(total)
             if after_backward:
