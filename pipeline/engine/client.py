@@ -24,7 +24,6 @@ from pipeline.config import DeepSpeedConfig, TrainConfig
 from pipeline.engine import data_parallel as dp
 from pipeline.engine import expert_parallel as ep
 from pipeline.engine import zero3
-from pipeline.model.zero3 import gathered
 from pipeline.model import (adapter_parameters, expert_token_counts, is_expert_adapter,
                             reset_expert_token_counts, set_lora_rank, set_top_k)
 
@@ -211,12 +210,13 @@ class ClientEngine:
             else:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = scaled = self.engine(**batch).loss
-            extra = None
-            if extra_loss:  # it may read adapters outside a forward: whole under ZeRO-3 too
-                with gathered(self.params.values()):
-                    extra = extra_loss(self.model)
-            total = scaled + extra if extra is not None else scaled
-            self.engine.backward(total)
+            if self.zero_stage == 3:
+                self.engine.backward(scaled)
+                if extra_loss:
+                    zero3.add_extra_loss_gradient(self.params, extra_loss, self.model)
+            else:
+                extra = extra_loss(self.model) if extra_loss else None
+                self.engine.backward(scaled + extra if extra is not None else scaled)
             if after_backward:
                 after_backward(self.model)
             if self.ep_size > 1 and self.own_clip and self.grad_clip > 0:

@@ -52,3 +52,26 @@ def local_partition(p: nn.Parameter, full: Tensor) -> Tensor:
     flat = full.flatten()
     flat = torch.cat([flat, flat.new_zeros(size * dist.get_world_size(group=p.ds_process_group) - flat.numel())])
     return flat[rank * size:(rank + 1) * size]
+
+
+def add_extra_loss_gradient(params: dict[str, nn.Parameter], extra_loss, model: nn.Module) -> None:
+    """After the engine's backward, before its step: add the gradient of `extra_loss(model)`
+    (a penalty on the adapters, e.g. ubsmoe's or hetlora's) to the reduced gradient partitions.
+
+    Such a loss reads adapters between forward passes, where ZeRO-3 holds only partitions, and
+    its backward may need their values after they are released; so it is computed and
+    differentiated on the gathered adapters. Every rank adds the same gradient once, as the
+    group's average of identical per-rank gradients would be at ZeRO 0-2.
+    """
+    from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+    names = list(params)
+    with gathered(params.values()):
+        extra = extra_loss(model)
+        if extra is None:
+            return
+        grads = torch.autograd.grad(extra, [params[n] for n in names], allow_unused=True)
+    for name, grad in zip(names, grads):
+        if grad is not None:
+            p = params[name]
+            safe_set_local_grad(p, safe_get_local_grad(p) + local_partition(p, grad.float()))
