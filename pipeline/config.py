@@ -310,9 +310,13 @@ def validate(cfg: Config) -> None:
     _check(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)")
     _check(tr.max_length >= 8, "train.max_length", f"must be >= 8, got {tr.max_length}")
     _check(tr.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {tr.precision!r}")
-    _check(cfg.deepspeed.zero_stage in (0, 1, 2), "deepspeed.zero_stage",
-           f"must be 0, 1 or 2, got {cfg.deepspeed.zero_stage} (ZeRO-3 is not supported yet: adapters, "
-           "routing state and base deltas are read and written as whole tensors)")
+    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage",
+           f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    if cfg.deepspeed.zero_stage == 3:
+        big = [i for i, t in enumerate(cfg.tiers) if t.ep_size > 1]
+        _check(not big, f"tiers.{big[0] if big else 0}.ep_size",
+               "must be 1 with deepspeed.zero_stage=3: expert parallelism uses DeepSpeed's MoE groups, "
+               "which DeepSpeed refuses at ZeRO stage 3")
     if cfg.deepspeed.config is not None:
         _check(Path(cfg.deepspeed.config).is_file(), "deepspeed.config", f"file not found: {cfg.deepspeed.config}")
     data = cfg.data

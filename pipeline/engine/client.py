@@ -4,6 +4,9 @@ Per client only the adapters, the optimizer state and the active top-k / rank ch
 model and the engine are built once. Under ZeRO 1/2 (and bf16) DeepSpeed keeps fp32 master
 copies of the trainable tensors, so adapters are written with `safe_set_full_fp32_param` as
 well as into `p.data`, and read back with `safe_get_full_fp32_param` (NOTES-stack.md).
+Under ZeRO-3 `p.data` is only a partition (zero3.py): `p.data` is written through
+`GatheredParameters`, and each MoE block is a ZeRO-3 leaf module, so its fused experts are
+gathered once per block, not inside its expert loop.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from torch import Tensor
 from pipeline.config import DeepSpeedConfig, TrainConfig
 from pipeline.engine import data_parallel as dp
 from pipeline.engine import expert_parallel as ep
+from pipeline.engine import zero3
 from pipeline.model import (adapter_parameters, expert_token_counts, is_expert_adapter,
                             reset_expert_token_counts, set_lora_rank, set_top_k)
 
@@ -126,6 +130,8 @@ class ClientEngine:
             groups = split_params_into_different_moe_groups_for_optimizer(
                 [{"params": groups, "name": "adapters"}])
         optimizer = torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
+        if ds.zero_stage == 3:
+            zero3.mark_leaf_modules(model)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=config, dist_init_required=False)
         self.zero_stage = ds.zero_stage
@@ -152,6 +158,9 @@ class ClientEngine:
     def load_adapters(self, adapters: dict[str, Tensor]) -> None:
         from deepspeed.utils import safe_set_full_fp32_param
 
+        if self.zero_stage == 3:
+            zero3.load_full(self.params, adapters)
+            return
         with torch.no_grad():
             for name, p in self.params.items():
                 value = adapters[name]
@@ -221,9 +230,13 @@ class ClientEngine:
             else:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 loss = scaled = self.engine(**batch).loss
-            extra = extra_loss(self.model) if extra_loss else None
-            total = scaled + extra if extra is not None else scaled
-            self.engine.backward(total)
+            if self.zero_stage == 3:
+                self.engine.backward(scaled)
+                if extra_loss:
+                    zero3.add_extra_loss_gradient(self.params, extra_loss, self.model)
+            else:
+                extra = extra_loss(self.model) if extra_loss else None
+                self.engine.backward(scaled + extra if extra is not None else scaled)
             if after_backward:
                 after_backward(self.model)
             if self.ep_size > 1 and self.own_clip and self.grad_clip > 0:

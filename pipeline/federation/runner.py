@@ -140,11 +140,14 @@ def check_expert_parallel(cfg: Config, strategy: Strategy) -> None:
 
 
 def evaluates(fed: Federation) -> bool:
-    """Evaluation and export run on world rank 0; under expert parallelism its whole
-    expert-parallel group (the first ranks of group 0) computes with it."""
+    """Evaluation and export run on world rank 0, and with it the ranks of group 0 whose
+    collectives its forward passes need: under expert parallelism its expert-parallel group,
+    under ZeRO-3 the whole group (every forward and write gathers the partitioned weights)."""
     topology = fed.topology
-    if fed.engine.ep_size == 1 or topology is None or topology.group.index != 0:
+    if topology is None or topology.group.index != 0:
         return fed.writes
+    if fed.engine.zero_stage == 3:
+        return True
     return topology.group_rank < fed.engine.ep_size
 
 
@@ -371,9 +374,8 @@ def export_merged(fed: Federation, out: Path) -> None:
     set_base_delta(model, fed.strategy.base_delta())
     set_top_k(model, model.config.num_experts_per_tok)
     set_lora_rank(model, fed.cfg.model.lora.rank)
-    with gathered_experts(model):
-        if fed.writes:
-            save_merged(model, out, tokenizer=fed.tokenizer)
+    with gathered_experts(model):  # ZeRO-3: the other ranks take part in save_merged's gathers
+        save_merged(model, out if fed.writes else None, tokenizer=fed.tokenizer)
 
 
 def _progress(enabled: bool) -> Progress | None:

@@ -4,6 +4,10 @@ A delta is keyed like its LoRA pair (`<module>.lora_gate_up`, `<module>.lora_dow
 `<linear>.lora`) and has the base weight's shape. The pristine base is kept once, so setting a
 delta is `W = W0 + delta` every time: no drift from repeated in-place additions, and a resumed
 run rebuilds bitwise the same weights.
+
+Under ZeRO-3 the base weights are partitioned: each is gathered whole, written and partitioned
+again (pipeline.model.zero3; every rank of the group calls this with the same deltas), and the
+pristine copy stays on the CPU so that it does not undo ZeRO-3's saving on the device.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from torch import Tensor, nn
 
 from pipeline.model.lora import LoRALinear
 from pipeline.model.moe_block import HeteroMoEBlock
+from pipeline.model.zero3 import gathered, is_partitioned
 
 
 def lora_base_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -37,10 +42,12 @@ def set_base_delta(model: nn.Module, deltas: dict[str, Tensor]) -> None:
     if pristine is None:
         if not deltas:
             return  # nothing merged yet: no copy needed
-        pristine = {k: w.detach().clone() for k, w in weights.items()}
-        model._fedmoe_pristine_base = pristine
+        pristine = model._fedmoe_pristine_base = {}
     for key, w in weights.items():
-        value = pristine[key]
-        if key in deltas:
-            value = value + deltas[key].to(device=w.device, dtype=value.dtype)
-        w.data.copy_(value)
+        with gathered([w], modify=True):  # one weight at a time: ZeRO-3 never holds them all
+            if key not in pristine:
+                pristine[key] = w.detach().to("cpu" if is_partitioned(w) else w.device, copy=True)
+            value = pristine[key].to(w.device)
+            if key in deltas:
+                value = value + deltas[key].to(device=w.device, dtype=value.dtype)
+            w.data.copy_(value)

@@ -13,6 +13,7 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
 from pipeline.model.lora import LoRALinear
 from pipeline.model.moe_block import HeteroMoEBlock
+from pipeline.model.zero3 import gathered
 
 
 def _plain_moe_block(block: HeteroMoEBlock) -> OlmoeSparseMoeBlock:
@@ -33,14 +34,21 @@ def _warn_if_routing_variant(block: HeteroMoEBlock) -> None:
                           "the merged Hugging Face model routes with the plain router", stacklevel=3)
 
 
-@torch.no_grad()
 def merge_adapters(model: OlmoeForCausalLM) -> OlmoeForCausalLM:
     """A plain HF model with s * B @ A (at the active rank) merged into the base weights.
 
     Works on a deep copy; the input model is unchanged. The merged model routes with the
-    config's top-k (`num_experts_per_tok`), as any HF OLMoE does.
+    config's top-k (`num_experts_per_tok`), as any HF OLMoE does. Under ZeRO-3 the copy is
+    taken from the gathered weights (a collective: every rank of the group calls this).
     """
+    with gathered(model.parameters()):
+        return _merge(model)
+
+
+@torch.no_grad()
+def _merge(model: OlmoeForCausalLM) -> OlmoeForCausalLM:
     merged = copy.deepcopy(model)
+    _drop_zero3_state(merged)
     for layer in merged.model.layers:
         block = layer.mlp
         if isinstance(block, HeteroMoEBlock):
@@ -58,9 +66,28 @@ def merge_adapters(model: OlmoeForCausalLM) -> OlmoeForCausalLM:
     return merged
 
 
-def save_merged(model: OlmoeForCausalLM, out_dir: str | Path, tokenizer=None) -> None:
-    """`merge_adapters` + `save_pretrained` (safetensors); `from_pretrained(out_dir)` reloads it."""
-    merged = merge_adapters(model)
+def _drop_zero3_state(model: nn.Module) -> None:
+    """A deep copy of a ZeRO-3 module carries DeepSpeed's hooks and ids, which would fetch the
+    original's partitions in a forward: a merged copy is a plain module."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks, module._backward_hooks,
+                      module._backward_pre_hooks):
+            for key in [k for k, fn in hooks.items() if getattr(fn, "__module__", "").startswith("deepspeed")]:
+                del hooks[key]
+        for name in [n for n in vars(module) if n.startswith("ds_") or n == "_z3_leaf"]:
+            delattr(module, name)
+
+
+def save_merged(model: OlmoeForCausalLM, out_dir: str | Path | None, tokenizer=None) -> None:
+    """`merge_adapters` + `save_pretrained` (safetensors); `from_pretrained(out_dir)` reloads it.
+
+    Under ZeRO-3 every rank of the group must call it; those given `out_dir=None` only take
+    part in gathering the weights.
+    """
+    with gathered(model.parameters()):
+        if out_dir is None:
+            return
+        merged = _merge(model)
     merged.save_pretrained(str(out_dir), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))

@@ -10,7 +10,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "fixtures" / "tiny_run.yaml"
 SCRIPTS = Path(__file__).resolve().parent / "scripts"
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+# PYTHONPATH: scripts run by path must import this checkout, not wherever `pipeline` is installed.
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+       "PYTHONPATH": str(REPO)}
 
 
 def _mpiexec() -> str | None:

@@ -29,7 +29,7 @@ def test_malformed_yaml(capsys, tmp_path):
     ("train.speed=3", "train.speed: unknown key"),
     ("train.batch_size=big", "train.batch_size"),
     ("algorithm.name=magic", "algorithm.name"),
-    ("deepspeed.zero_stage=3", "deepspeed.zero_stage: must be 0, 1 or 2"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage: must be 0, 1, 2 or 3"),
 ])
 def test_bad_fields(capsys, tmp_path, override, needle):
     _fails(capsys, ["run", "--config", TINY, "--set", override, "--out", tmp_path / "r"], needle)

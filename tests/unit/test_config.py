@@ -33,6 +33,8 @@ def test_overrides_types_and_list_items():
     (["federation.clients_per_round=99"], "federation.clients_per_round"),
     (["logging.progress=3"], "logging.progress"),
     (["train.precision=fp8"], "train.precision"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
+    (["deepspeed.zero_stage=3", "tiers.1.ranks=2", "tiers.1.ep_size=2"], "tiers.1.ep_size"),
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as info:

@@ -1,7 +1,7 @@
 """Run under mpiexec: one client group over all ranks trains one client with the DeepSpeed
 engine (data-parallel); every rank compares with a plain PyTorch loop on the whole batches.
 
-argv: ZERO_STAGE TOL [BATCH_SIZE]. Exits non-zero (aborting the job) on a mismatch.
+argv: ZERO_STAGE TOL [BATCH_SIZE [DEEPSPEED_JSON]]. Exits non-zero (aborting the job) on a mismatch.
 """
 import copy
 import os
@@ -19,6 +19,7 @@ from pipeline.model import (adapter_parameters, build_model, init_adapter_state,
 
 stage, tol = int(sys.argv[1]), float(sys.argv[2])
 batch_size = int(sys.argv[3]) if len(sys.argv) > 3 else 5
+ds_json = sys.argv[4] if len(sys.argv) > 4 else None
 comm = MPI.COMM_WORLD
 rank, size = comm.Get_rank(), comm.Get_size()
 init_distributed(rank=rank, world_size=size, local_rank=rank,
@@ -43,7 +44,7 @@ for _ in range(TRAIN.local_steps):
         labels[i, : TRAIN.max_length // 2 + i % 3] = -100
     batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
 
-engine = ClientEngine(model, TRAIN, DeepSpeedConfig(zero_stage=stage))
+engine = ClientEngine(model, TRAIN, DeepSpeedConfig(zero_stage=stage, config=ds_json))
 assert engine.dp_size == size
 first_grads = {}
 
