@@ -109,12 +109,26 @@ class UBSMoE(Strategy):
                         hooked.append(p.register_hook(self._pseudo_gradient_hook(block)))
 
     def _pseudo_gradient_hook(self, block):
+        """Inside a client group of several ranks the block's routing is this rank's tokens and,
+        under expert parallelism, `grad` holds only its experts: the statistics are summed over
+        the group and the weighted gradient over the expert-parallel group, by the sums the
+        engine set on the block (`sum_over_group`, `sum_over_experts`; None in one process),
+        so the step is the single-process step on the whole batch (routing_math)."""
+        cache: dict = {}
+
         def hook(grad: Tensor) -> Tensor:
             routing = block.last_routing
             if routing is None or self._rho == 0.0:
                 return grad
-            return grad + rm.pseudo_gradients(grad, routing.indices, routing.probs, self._rho,
-                                              self.options["pg_scope"]).to(grad.dtype)
+            if cache.get("routing") is not routing:  # one group sum per forward, for the four tensors
+                stats = rm.routing_statistics(routing.indices, routing.probs)
+                cache.update(routing=routing, stats=stats.summed(block.sum_over_group))
+            sliced = grad.shape[0] < block.num_experts  # expert parallel: this rank's experts only
+            add = rm.pseudo_gradients_from(
+                grad, cache["stats"], self._rho, self.options["pg_scope"],
+                first_expert=block.expert_start if sliced else 0,
+                sum_experts=block.sum_over_experts if sliced else None)
+            return grad + add
         return hook
 
     # --- aggregation ----------------------------------------------------------------------
