@@ -99,14 +99,15 @@ class UBSMoE(Strategy):
         if not self.options["pg"]:
             return
         self._rho = rm.rho(plan.top_k, self.model.num_experts, self.options["rho"]) if plan else 0.0
-        hooked = getattr(model, "_fedmoe_pg_hooks", None)
-        if hooked is None:
-            hooked = model._fedmoe_pg_hooks = []
-            for block in _moe_blocks(model):
-                for name in EXPERT_LORA:
-                    p = getattr(block, name, None)
-                    if p is not None:
-                        hooked.append(p.register_hook(self._pseudo_gradient_hook(block)))
+        # Marked per tensor, not per model: under expert parallelism rank 0 evaluates (plan
+        # None) on all-gathered copies of the expert LoRA, and the tensors that train must still
+        # get their hook, on every rank alike (the hook's sums are collectives).
+        for block in _moe_blocks(model):
+            for name in EXPERT_LORA:
+                p = getattr(block, name, None)
+                if p is not None and not getattr(p, "_fedmoe_pg_hook", False):
+                    p.register_hook(self._pseudo_gradient_hook(block))
+                    p._fedmoe_pg_hook = True
 
     def _pseudo_gradient_hook(self, block):
         """Inside a client group of several ranks the block's routing is this rank's tokens and,
