@@ -74,7 +74,6 @@ def setup(cfg: Config):
     info = ModelInfo(mcfg.num_hidden_layers, mcfg.num_experts, mcfg.num_experts_per_tok,
                      cfg.model.lora.rank, cfg.model.lora.alpha)
     strategy = build_strategy(cfg.algorithm.name, cfg.algorithm.options, info, tiers)
-    check_expert_parallel(cfg, strategy)
     apply_model_features(model, strategy, cfg)
     strategy.init_state(init_adapter_state(model, derive_seed(cfg.seed, ADAPTER_INIT)))
     data = load_federated_data(cfg, tokenizer)
@@ -107,19 +106,6 @@ def group_ep_size(cfg: Config, topology: Topology) -> int:
     """This group's expert-parallel size: its tier's `ep_size` (1 for the single-process group)."""
     tier = topology.group.tier
     return next((t.ep_size for t in cfg.tiers if t.name == tier), 1) if tier is not None else 1
-
-
-def check_expert_parallel(cfg: Config, strategy: Strategy) -> None:
-    """Methods that need every expert of a layer on one rank cannot run expert-parallel."""
-    if max((t.ep_size for t in cfg.tiers), default=1) <= 1:
-        return
-    if strategy.model_features.get("record_routing"):
-        raise UserError(f"algorithm {cfg.algorithm.name!r} with pseudo-gradients (options.pg) needs "
-                        "every expert's gradient of a layer on one rank: set algorithm.options.pg="
-                        "false or tiers[].ep_size=1")
-    if cfg.algorithm.name in ("flora", "fedex-lora"):
-        raise UserError(f"algorithm {cfg.algorithm.name!r} merges dense deltas into the experts' base "
-                        "weights, which expert parallelism does not slice yet: set tiers[].ep_size=1")
 
 
 @contextmanager
