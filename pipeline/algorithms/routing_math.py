@@ -5,6 +5,8 @@ Kept apart from the strategies so each rule is tested against a hand computation
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -48,6 +50,31 @@ def rho(top_k: int, num_experts: int, kind: str = "sparsity") -> float:
     raise ValueError(f"rho: unknown kind {kind!r}")
 
 
+class RoutingStats(NamedTuple):
+    """One layer's routing statistics for pseudo-gradients, float64, additive over token
+    shards: summing every rank's gives the whole batch's (pseudo_gradients_from)."""
+    mass: Tensor    # [M] w_j = sum over tokens routed to j of p_j(x)
+    unused: Tensor  # [M] sum over tokens of p_j(x) * 1[j not in A(x)], pi's numerator
+    used: Tensor    # [M] tokens that used j
+    tokens: Tensor  # [1] N
+
+    def summed(self, total: Callable[[Tensor], Tensor] | None) -> "RoutingStats":
+        """The statistics summed by `total` (one reduction of all four; None: unchanged)."""
+        if total is None:
+            return self
+        flat = total(torch.cat(tuple(self)))
+        m = self.mass.numel()
+        return RoutingStats(flat[:m], flat[m:2 * m], flat[2 * m:3 * m], flat[3 * m:])
+
+
+def routing_statistics(indices: Tensor, probs: Tensor) -> RoutingStats:
+    """indices [N, k] the experts each token used; probs [N, M] the (modulated) routing softmax."""
+    probs = probs.double()
+    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, indices, True)
+    return RoutingStats((probs * chosen).sum(0), (probs * ~chosen).sum(0), chosen.sum(0).double(),
+                        torch.tensor([probs.shape[0]], dtype=torch.float64, device=probs.device))
+
+
 def pseudo_gradients(grads: Tensor, indices: Tensor, probs: Tensor, rho_c: float,
                      scope: str = "inactive") -> Tensor:
     """Pseudo-gradients for one layer's expert LoRA tensor.
@@ -61,20 +88,35 @@ def pseudo_gradients(grads: Tensor, indices: Tensor, probs: Tensor, rho_c: float
         add_i = rho_c * pi_i * G_bar
     With scope "inactive" (default) only experts that no token used receive it.
     """
-    n_tokens, num_experts = probs.shape
-    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, indices, True)
-    w = (probs * chosen).sum(0)  # [M]
-    if w.sum() <= 0:
-        return torch.zeros_like(grads)
-    flat = grads.reshape(num_experts, -1)
-    g_bar = (w[:, None].to(flat.dtype) * flat).sum(0) / w.sum().to(flat.dtype)
-    pi = (probs * ~chosen).sum(0) / n_tokens  # [M]
-    if scope == "inactive":
-        pi = pi * (chosen.sum(0) == 0)
-    elif scope != "all":
+    return pseudo_gradients_from(grads, routing_statistics(indices, probs), rho_c, scope)
+
+
+def pseudo_gradients_from(grads: Tensor, stats: RoutingStats, rho_c: float, scope: str = "inactive",
+                          first_expert: int = 0,
+                          sum_experts: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """`pseudo_gradients` from given statistics, for experts `first_expert + [0, len(grads))`.
+
+    Split so that a group of ranks computes the whole batch's step: with `stats` summed over
+    the ranks' token shards and `sum_experts` summing sum_j w_j grad_j over the ranks that hold
+    the layer's other experts (None: `grads` holds them all), each rank's add is the
+    single-process add of its gradient; it is linear in the gradient, so the ranks' usual
+    gradient reduction then gives the whole batch's.
+    """
+    if scope not in ("inactive", "all"):
         raise ValueError(f"pg scope: unknown {scope!r}")
-    add = rho_c * pi[:, None].to(flat.dtype) * g_bar[None, :]
-    return add.reshape(grads.shape)
+    if stats.mass.sum() <= 0:
+        return torch.zeros_like(grads)
+    local = slice(first_expert, first_expert + grads.shape[0])
+    flat = grads.reshape(grads.shape[0], -1).double()
+    numerator = (stats.mass[local, None] * flat).sum(0)
+    if sum_experts is not None:
+        numerator = sum_experts(numerator)
+    g_bar = numerator / stats.mass.sum()
+    pi = stats.unused / stats.tokens.clamp_min(1)
+    if scope == "inactive":
+        pi = pi * (stats.used == 0)
+    add = rho_c * pi[local, None] * g_bar[None, :]
+    return add.to(grads.dtype).reshape(grads.shape)
 
 
 def loss_free_bias_update(bias: Tensor, load: Tensor, rate: float) -> Tensor:

@@ -100,22 +100,37 @@ class UBSMoE(Strategy):
         if not self.options["pg"]:
             return
         self._rho = rm.rho(plan.top_k, self.model.num_experts, self.options["rho"]) if plan else 0.0
-        hooked = getattr(model, "_fedmoe_pg_hooks", None)
-        if hooked is None:
-            hooked = model._fedmoe_pg_hooks = []
-            for block in _moe_blocks(model):
-                for name in EXPERT_LORA:
-                    p = getattr(block, name, None)
-                    if p is not None:
-                        hooked.append(p.register_hook(self._pseudo_gradient_hook(block)))
+        # Marked per tensor, not per model: under expert parallelism rank 0 evaluates (plan
+        # None) on all-gathered copies of the expert LoRA, and the tensors that train must still
+        # get their hook, on every rank alike (the hook's sums are collectives).
+        for block in _moe_blocks(model):
+            for name in EXPERT_LORA:
+                p = getattr(block, name, None)
+                if p is not None and not getattr(p, "_fedmoe_pg_hook", False):
+                    p.register_hook(self._pseudo_gradient_hook(block))
+                    p._fedmoe_pg_hook = True
 
     def _pseudo_gradient_hook(self, block):
+        """Inside a client group of several ranks the block's routing is this rank's tokens and,
+        under expert parallelism, `grad` holds only its experts: the statistics are summed over
+        the group and the weighted gradient over the expert-parallel group, by the sums the
+        engine set on the block (`sum_over_group`, `sum_over_experts`; None in one process),
+        so the step is the single-process step on the whole batch (routing_math)."""
+        cache: dict = {}
+
         def hook(grad: Tensor) -> Tensor:
             routing = block.last_routing
             if routing is None or self._rho == 0.0:
                 return grad
-            return grad + rm.pseudo_gradients(grad, routing.indices, routing.probs, self._rho,
-                                              self.options["pg_scope"]).to(grad.dtype)
+            if cache.get("routing") is not routing:  # one group sum per forward, for the four tensors
+                stats = rm.routing_statistics(routing.indices, routing.probs)
+                cache.update(routing=routing, stats=stats.summed(block.sum_over_group))
+            sliced = grad.shape[0] < block.num_experts  # expert parallel: this rank's experts only
+            add = rm.pseudo_gradients_from(
+                grad, cache["stats"], self._rho, self.options["pg_scope"],
+                first_expert=block.expert_start if sliced else 0,
+                sum_experts=block.sum_over_experts if sliced else None)
+            return grad + add
         return hook
 
     # --- aggregation ----------------------------------------------------------------------

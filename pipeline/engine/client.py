@@ -123,6 +123,8 @@ class ClientEngine:
             self.own_clip = ds.zero_stage == 0 and train.precision == "fp32"
             if self.own_clip:
                 config["gradient_clipping"] = 0.0
+        if world_size > 1:
+            dp.set_group_sums(model)  # after the expert-parallel groups exist
         self.params = adapter_parameters(model)
         groups = list(self.params.values())
         if ep_size > 1:  # expert LoRA in its own groups, reduced over the expert-data-parallel group

@@ -78,7 +78,6 @@ def setup(cfg: Config):
     info = ModelInfo(mcfg.num_hidden_layers, mcfg.num_experts, mcfg.num_experts_per_tok,
                      cfg.model.lora.rank, cfg.model.lora.alpha)
     strategy = build_strategy(cfg.algorithm.name, cfg.algorithm.options, info, tiers)
-    check_expert_parallel(cfg, strategy)
     apply_model_features(model, strategy, cfg)
     strategy.init_state(init_adapter_state(model, derive_seed(cfg.seed, ADAPTER_INIT)))
     data = load_federated_data(cfg, tokenizer)
@@ -124,19 +123,6 @@ def expert_shards(cfg: Config, topology: Topology, strategy: Strategy, num_exper
     if max(p for _, p in groups) == 1:
         return None
     return ExpertShards(topology.world, topology.rank, groups, num_experts)
-
-
-def check_expert_parallel(cfg: Config, strategy: Strategy) -> None:
-    """Methods that need every expert of a layer on one rank cannot run expert-parallel."""
-    if max((t.ep_size for t in cfg.tiers), default=1) <= 1:
-        return
-    if strategy.model_features.get("record_routing"):
-        raise UserError(f"algorithm {cfg.algorithm.name!r} with pseudo-gradients (options.pg) needs "
-                        "every expert's gradient of a layer on one rank: set algorithm.options.pg="
-                        "false or tiers[].ep_size=1")
-    if cfg.algorithm.name in ("flora", "fedex-lora"):
-        raise UserError(f"algorithm {cfg.algorithm.name!r} merges dense deltas into the experts' base "
-                        "weights, which expert parallelism does not slice yet: set tiers[].ep_size=1")
 
 
 def evaluates(fed: Federation) -> bool:

@@ -8,8 +8,9 @@ routes locally over all experts (router, top-k and token counts are unchanged), 
 the results back (`_dispatch_ep`). The exchange is `all_to_all_single`, which gloo has on CPU,
 wrapped in an autograd Function whose backward is the reverse exchange.
 
-`gathered_experts(model)` all-gathers the full expert tensors for evaluation and export on one
-rank (every rank of the group must enter it); `gather_expert_tensor` / `local_expert_slice`
+`gathered_experts(model)` all-gathers the full expert tensors (and the pristine base of merged
+deltas, pipeline/model/base_delta.py) for evaluation and export on one rank (every rank of the
+group must enter it); `gather_expert_tensor` / `local_expert_slice`
 convert full adapter tensors to and from a rank's share.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from pipeline.model.base_delta import gathered_pristine
 from pipeline.model.moe_block import EXPERT_LORA_NAMES, HeteroMoEBlock
 
 BASE_NAMES = ("gate_up_proj", "down_proj")
@@ -101,21 +103,23 @@ def gather_expert_tensor(local: Tensor, block: HeteroMoEBlock) -> Tensor:
 @contextmanager
 def gathered_experts(model: nn.Module):
     """Inside: every block holds all experts (base weights and LoRA, all-gathered) and computes
-    without exchange, so one rank alone can evaluate or export; on exit the local Parameters
-    (the ones the optimizer holds) are put back unchanged. A collective on entry."""
+    without exchange, so one rank alone can evaluate or export; a base delta set inside applies
+    to the full weights (base_delta.gathered_pristine). On exit the local Parameters (the ones
+    the optimizer holds) are put back unchanged. A collective on entry."""
     saved = []
-    for block in ep_blocks(model):
-        names = [(block.experts, n) for n in BASE_NAMES]
-        names += [(block, n) for n in (EXPERT_LORA_NAMES if block.has_lora else ())]
-        old = [(owner, n, getattr(owner, n)) for owner, n in names]
-        for owner, n, p in old:
-            setattr(owner, n, nn.Parameter(gather_expert_tensor(p, block), requires_grad=p.requires_grad))
-        saved.append((block, block.ep_size, block.ep_group, old))
-        block.ep_size, block.ep_group = 1, None  # None: a deep copy (merge_adapters) must not copy it
-    try:
-        yield
-    finally:
-        for block, size, group, old in saved:
+    with gathered_pristine(model, gather_expert_tensor):
+        for block in ep_blocks(model):
+            names = [(block.experts, n) for n in BASE_NAMES]
+            names += [(block, n) for n in (EXPERT_LORA_NAMES if block.has_lora else ())]
+            old = [(owner, n, getattr(owner, n)) for owner, n in names]
             for owner, n, p in old:
-                setattr(owner, n, p)
-            block.ep_size, block.ep_group = size, group
+                setattr(owner, n, nn.Parameter(gather_expert_tensor(p, block), requires_grad=p.requires_grad))
+            saved.append((block, block.ep_size, block.ep_group, old))
+            block.ep_size, block.ep_group = 1, None  # None: a deep copy (merge_adapters) must not copy it
+        try:
+            yield
+        finally:
+            for block, size, group, old in saved:
+                for owner, n, p in old:
+                    setattr(owner, n, p)
+                block.ep_size, block.ep_group = size, group

@@ -194,6 +194,11 @@ class HeteroMoEBlock(nn.Module):
         # [expert_start, expert_start + num_experts / ep_size) of every fused tensor.
         self.ep_group = None
         self.ep_rank, self.ep_size, self.expert_start = 0, 1, 0
+        # Sums of a tensor over the client group's ranks and over the expert-parallel group, for
+        # gradient hooks that need the whole batch (UB-SMoE's pseudo-gradients); set by the
+        # engine when the group has several ranks (pipeline/engine/data_parallel.py), None alone.
+        self.sum_over_group = None
+        self.sum_over_experts = None
 
     # ------------------------------------------------------------------ LoRA
     @property

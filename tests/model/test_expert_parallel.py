@@ -5,8 +5,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from pipeline.model import build_model, patch_olmoe
+from pipeline.model import build_model, lora_base_weights, patch_olmoe, set_base_delta
 from pipeline.model.adapters import is_expert_adapter
+from pipeline.model.base_delta import expert_base_keys
 from pipeline.model.expert_parallel import (enable_expert_parallel, gather_expert_tensor,
                                             gathered_experts, local_expert_slice)
 from pipeline.model.routing import moe_blocks
@@ -69,11 +70,50 @@ def _worker(rank, port, x, want, queue):
             if rank == 0:  # one rank alone computes with all experts
                 torch.testing.assert_close(block(x).detach(), want[0])
         assert block.ep_size == 2 and block.lora_down_B.shape[0] == 4
+        _check_base_deltas(model, rank)
         queue.put((rank, None))
     except BaseException as exc:  # noqa: BLE001
         queue.put((rank, repr(exc)))
     finally:
         dist.destroy_process_group()
+
+
+def _check_base_deltas(model, rank):
+    """FLoRA/FedEx-LoRA deltas (full `[E, ...]`) on expert-parallel blocks: each rank adds its
+    experts' rows; inside gathered_experts a delta applies to the full weights, outside it the
+    pristine local slices come back."""
+    whole = lora_base_weights(_model())  # one process's pristine weights, every expert
+    experts = expert_base_keys(model)
+    deltas = {k: torch.randn(w.shape, generator=torch.Generator().manual_seed(i))
+              for i, (k, w) in enumerate(sorted(whole.items()))}
+
+    def expect(delta, scale, gathered=False, only=None):
+        for key, w in lora_base_weights(model).items():
+            if only is not None and key not in only:
+                continue
+            want = whole[key] + scale * delta[key] if scale else whole[key]
+            if key in experts and not gathered:
+                want = local_expert_slice(want, experts[key][0])
+            assert torch.equal(w, want), (key, scale, gathered)
+    twice = {k: 2 * v for k, v in deltas.items()}
+    with gathered_experts(model):  # a first delta set inside, by rank 0 alone (evaluation)
+        if rank == 0:
+            set_base_delta(model, deltas)
+            expect(deltas, 1, gathered=True)
+    expect(deltas, 0, only=experts)  # the local experts were not touched inside
+    set_base_delta(model, deltas)  # every rank, as each round does
+    expect(deltas, 1)
+    with gathered_experts(model):
+        expect(deltas, 1, gathered=True)  # the merged weights, gathered
+        if rank == 0:
+            set_base_delta(model, twice)
+            expect(deltas, 2, gathered=True)
+    expect(deltas, 1, only=experts)  # the local experts were not touched inside (rank 0's
+    # replicated attention weights were: the next round's set_base_delta resets them)
+    set_base_delta(model, twice)
+    expect(deltas, 2)
+    set_base_delta(model, {})
+    expect(deltas, 0)
 
 
 def test_two_expert_parallel_ranks_match_one_process():

@@ -91,23 +91,6 @@ def test_ep_size_must_divide_the_expert_count():
     resolve_tiers(cfg, num_experts=32, k_max=8)
 
 
-def test_methods_needing_a_whole_layer_refuse_expert_parallelism():
-    from types import SimpleNamespace
-
-    from pipeline.errors import UserError
-    from pipeline.federation.runner import check_expert_parallel
-
-    cfg = load_config(DEFAULT_CONFIG, ["tiers.0.ranks=2", "tiers.0.ep_size=2", "algorithm.name=ubsmoe"])
-    with pytest.raises(UserError, match="options.pg"):
-        check_expert_parallel(cfg, SimpleNamespace(model_features={"record_routing": True}))
-    check_expert_parallel(cfg, SimpleNamespace(model_features={"record_routing": False}))
-    cfg = load_config(DEFAULT_CONFIG, ["tiers.0.ranks=2", "tiers.0.ep_size=2", "algorithm.name=flora"])
-    with pytest.raises(UserError, match="flora"):
-        check_expert_parallel(cfg, SimpleNamespace(model_features={}))
-    cfg = load_config(DEFAULT_CONFIG, ["algorithm.name=flora"])
-    check_expert_parallel(cfg, SimpleNamespace(model_features={}))  # ep_size 1: anything goes
-
-
 def test_memory_plan_counts_each_ranks_share_of_the_experts():
     from pipeline.federation.memory import model_shape, tier_memory
 

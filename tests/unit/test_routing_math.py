@@ -1,5 +1,6 @@
 """UB-SMoE and loss-free balancing rules against hand computations."""
 import math
+import threading
 
 import pytest
 import torch
@@ -64,6 +65,89 @@ def test_pseudo_gradients_reach_inactive_experts_only_and_scale_with_rho():
     torch.testing.assert_close(rm.pseudo_gradients(grads, indices, probs, rho_c=1.0), 2 * add)
     everyone = rm.pseudo_gradients(grads, indices, probs, 0.5, scope="all")
     torch.testing.assert_close(everyone[0], 0.5 * pi[0] * g_bar)
+
+
+class _ThreadGroup:
+    """Sum-all-reduce over `size` threads standing for ranks, as torch.distributed would do."""
+
+    def __init__(self, size):
+        self.slots = [None] * size
+        self.barrier = threading.Barrier(size)
+
+    def sum_for(self, rank):
+        def total(t):
+            self.slots[rank] = t
+            self.barrier.wait()
+            out = sum(self.slots[1:], self.slots[0].clone())  # same order on every rank
+            self.barrier.wait()  # nobody overwrites a slot before every rank has read them
+            return out
+        return total
+
+
+def _on_ranks(size, fn):
+    results, errors = [None] * size, []
+
+    def run(rank):
+        try:
+            results[rank] = fn(rank)
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors, errors
+    return results
+
+
+def _whole_batch():
+    """12 tokens, 8 experts, top-2: tokens 0-5 use experts 0-2 only, tokens 6-11 experts 3-5
+    only, nobody 6-7; so a shard alone would take experts its tokens skipped for inactive."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 8, generator=g)
+    logits[:6, :3] += 6.0
+    logits[6:, 3:6] += 6.0
+    probs = logits.softmax(-1)
+    indices = probs.topk(2, -1).indices
+    assert set(indices[:6].unique().tolist()) <= {0, 1, 2} and set(indices[6:].unique().tolist()) <= {3, 4, 5}
+    return probs, indices, torch.randn(8, 3, 5, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("scope", ["inactive", "all"])
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_group_summed_pseudo_gradients_over_two_shards_equal_the_whole_batch(scope, expert_parallel):
+    """Two ranks, each with half of the tokens; under expert parallelism also half of the
+    experts. Each rank's gradient carries the factor 2 of its loss (data_parallel.py) and the
+    group averages them (DeepSpeed): the result is the whole batch's gradient plus its PG."""
+    probs, indices, grad = _whole_batch()
+    want = grad + rm.pseudo_gradients(grad, indices, probs, 0.75, scope)
+    assert (want != grad).any()
+    share = torch.randn(grad.shape, generator=torch.Generator().manual_seed(1), dtype=grad.dtype)
+    group, experts = _ThreadGroup(2), _ThreadGroup(2)
+
+    def rank(r):
+        rows = slice(6 * r, 6 * r + 6)
+        stats = rm.routing_statistics(indices[rows], probs[rows]).summed(group.sum_for(r))
+        if expert_parallel:  # its experts' gradient already sums both ranks' tokens
+            local = 2 * grad[4 * r:4 * r + 4]
+            add = rm.pseudo_gradients_from(local, stats, 0.75, scope, first_expert=4 * r,
+                                           sum_experts=experts.sum_for(r))
+        else:  # all experts, the gradient of its own tokens only
+            local = 2 * (share if r == 0 else grad - share)
+            add = rm.pseudo_gradients_from(local, stats, 0.75, scope)
+        return local + add
+    got = _on_ranks(2, rank)
+    got = torch.cat(got) / 2 if expert_parallel else (got[0] + got[1]) / 2
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_pseudo_gradients_from_shard_statistics_alone_would_differ():
+    """The test above is not vacuous: one shard's own statistics give another add."""
+    probs, indices, grad = _whole_batch()
+    whole = rm.pseudo_gradients(grad, indices, probs, 0.75)
+    alone = rm.pseudo_gradients(grad, indices[:6], probs[:6], 0.75)
+    assert not torch.allclose(alone, whole)
 
 
 def test_loss_free_bias_evens_out_load_on_a_skewed_router():
