@@ -5,8 +5,8 @@ one group of 2 ranks ends where the single-process run of the same config ends,
 - ubsmoe (DMR and pseudo-gradients on): PG's routing statistics are summed over the group and
   its weighted gradient over the expert-parallel group, at ep_size 2 and data-parallel alone.
 - flora, fedex-lora at ep_size 2: each rank merges its experts' rows of the dense deltas; the
-  round evaluations and the merged export run on rank 0 inside gathered_experts and must see
-  the merged weights. FLoRA's adapters restart every round, so its result is in the merge:
+  round evaluations (expert-parallel on group 0) and the merged export (inside
+  gathered_experts) must see the merged weights. FLoRA's adapters restart every round, so its result is in the merge:
   compared as the exported model's change from the pristine base.
 """
 import pytest
