@@ -2,12 +2,13 @@
 
 (Under torchrun-style launchers the comms are federation/torchcomm.TorchComm, the same API on gloo.)
 
-Each group sums its own clients' `contribution` tensors (runner). The group leaders then agree
-on the union of keys, shapes and dtypes (one small `allgather` of key lists), pack their sums
-into one contiguous buffer per wire dtype in sorted-key order (so every group packs the same
-layout; a key a group lacks is zeros), sum the buffers with `Allreduce(IN_PLACE)` on numpy
-views (tensors are never pickled), and broadcast the result inside their group. Every rank
-then holds identical sums, so `strategy.finalize(sums)` makes identical global state.
+Each group sums its own clients' `contribution` tensors into `PackedSums` (runner): one
+contiguous buffer per wire dtype in sorted-key order. The group leaders then agree on the union
+of keys, shapes and dtypes (one small `allgather` of key lists; a key a group lacks is zeros),
+sum the buffers with `Allreduce(IN_PLACE)` on numpy views (tensors are never pickled; a plain
+dict of sums is packed into such buffers first), and broadcast the result inside their group.
+Every rank then holds identical sums, so `strategy.finalize(sums)` makes identical global
+state. Expert rows under expert-sharded aggregation go elsewhere (expert_shards.py).
 """
 from __future__ import annotations
 
