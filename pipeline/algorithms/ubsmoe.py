@@ -23,9 +23,10 @@ from pipeline.algorithms import routing_math as rm
 from pipeline.algorithms.base import (ClientPlan, ClientUpdate, Strategy, register,
                                       weighted_average, weighted_sum_contribution)
 from pipeline.errors import ConfigError
+from pipeline.model.adapters import is_expert_adapter, moe_blocks
+from pipeline.model.moe_block import EXPERT_LORA_NAMES
 
 LAYER = re.compile(r"layers\.(\d+)\.")
-EXPERT_LORA = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
 
 
 def layer_of(name: str) -> int:
@@ -37,10 +38,6 @@ def layer_of(name: str) -> int:
 
 def is_phi(name: str) -> bool:
     return name.rsplit(".", 1)[-1] == "phi"
-
-
-def is_expert_lora(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in EXPERT_LORA
 
 
 @register
@@ -100,11 +97,11 @@ class UBSMoE(Strategy):
         if not self.options["pg"]:
             return
         self._rho = rm.rho(plan.top_k, self.model.num_experts, self.options["rho"]) if plan else 0.0
-        # Marked per tensor, not per model: under expert parallelism rank 0 evaluates (plan
-        # None) on all-gathered copies of the expert LoRA, and the tensors that train must still
-        # get their hook, on every rank alike (the hook's sums are collectives).
-        for block in _moe_blocks(model):
-            for name in EXPERT_LORA:
+        # Marked per tensor, not per model: tensors swapped in after the first call (the
+        # all-gathered copies of gathered_experts) get their own hook, and the tensors that
+        # train keep exactly one, on every rank alike (the hook's sums are collectives).
+        for block in moe_blocks(model):
+            for name in EXPERT_LORA_NAMES:
                 p = getattr(block, name, None)
                 if p is not None and not getattr(p, "_fedmoe_pg_hook", False):
                     p.register_hook(self._pseudo_gradient_hook(block))
@@ -139,10 +136,10 @@ class UBSMoE(Strategy):
         if self.options["aggregation"] == "fedavg":
             out = weighted_sum_contribution(update.adapters, n)
         else:  # expert-wise: expert j of client c weighted by its routed-token count a_{c,j}
-            out = weighted_sum_contribution({k: v for k, v in update.adapters.items() if not is_expert_lora(k)}, n)
+            out = weighted_sum_contribution({k: v for k, v in update.adapters.items() if not is_expert_adapter(k)}, n)
             counts = update.expert_token_counts.double()
             for k, v in update.adapters.items():
-                if is_expert_lora(k):
+                if is_expert_adapter(k):
                     c = self.expert_rows(counts[layer_of(k)])
                     out[f"ew/{k}"] = v.double() * c.view(-1, *([1] * (v.dim() - 1)))
             out["ew_counts"] = counts
@@ -156,10 +153,10 @@ class UBSMoE(Strategy):
         if self.options["aggregation"] == "fedavg":
             new = weighted_average(sums, previous)
         else:
-            new = weighted_average(sums, {k: v for k, v in previous.items() if not is_expert_lora(k)})
+            new = weighted_average(sums, {k: v for k, v in previous.items() if not is_expert_adapter(k)})
             counts = sums["ew_counts"]
             for k, v in previous.items():
-                if is_expert_lora(k):
+                if is_expert_adapter(k):
                     c = self.expert_rows(counts[layer_of(k)]).view(-1, *([1] * (v.dim() - 1)))
                     # An expert no client routed a token to keeps its previous value.
                     new[k] = torch.where(c > 0, sums[f"ew/{k}"] / c.clamp_min(1e-12), v.double()).to(v.dtype)
@@ -174,9 +171,3 @@ class UBSMoE(Strategy):
                     mean_c = new[k].double()  # the n_c-weighted mean of the clients' phi
                     new[k] = rm.momentum_phi(mean_c, raw[layer_of(k)], self.options["zeta"]).float()
         self.global_adapters = new
-
-
-def _moe_blocks(model):
-    from pipeline.model import HeteroMoEBlock  # the block type, to find the layers' routing
-
-    return [m for m in model.modules() if isinstance(m, HeteroMoEBlock)]

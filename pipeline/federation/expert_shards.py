@@ -69,11 +69,11 @@ class ExpertShards:
         me = shards[rank]
         self.start, self.stop, self.contributes, self.writes = me.start, me.stop, me.contributes, me.writes
         self.width = num_experts // self.fine  # experts per fine shard
-        MPI = api(world)
+        self._mpi = api(world)  # mpi4py.MPI, or TorchComm's equivalents under torchrun
         self.comms: dict[int, object] = {}
         for s in range(self.fine):  # every rank takes part in every Split, in the same order
             owns = self.start <= s * self.width < self.stop
-            comm = world.Split(color=0 if owns else MPI.UNDEFINED, key=rank)
+            comm = world.Split(color=0 if owns else self._mpi.UNDEFINED, key=rank)
             if owns:
                 self.comms[s] = comm
 
@@ -84,19 +84,14 @@ class ExpertShards:
     def allreduce(self, sums: Mapping[str, Tensor], spec: Sequence[Entry]) -> dict[str, Tensor]:
         """The world's sums of this rank's rows of the expert tensors in `spec` (whose shapes
         are the whole `[E, ...]`); `sums` holds this group's `[stop - start, ...]` rows."""
-        MPI = None
+        shard_spec = [Entry(e.key, (self.width,) + e.shape[1:], e.dtype) for e in spec]
         parts: dict[str, list[Tensor]] = {e.key: [] for e in spec}
         for s, comm in self.comms.items():  # ascending s: the same order on every owner
             lo = s * self.width - self.start
-            shard_spec = [Entry(e.key, (self.width,) + e.shape[1:], e.dtype) for e in spec]
             mine = {k: v[lo:lo + self.width] for k, v in sums.items()} if self.contributes else {}
             buffers = pack(mine, shard_spec)
-            if MPI is None:
-                from pipeline.federation.torchcomm import api
-
-                MPI = api(comm)
             for wire in sorted(buffers):
-                comm.Allreduce(MPI.IN_PLACE, buffers[wire], op=MPI.SUM)
+                comm.Allreduce(self._mpi.IN_PLACE, buffers[wire], op=self._mpi.SUM)
             for key, value in unpack(buffers, shard_spec).items():
                 parts[key].append(value)
         return {k: torch.cat(v) for k, v in parts.items()}

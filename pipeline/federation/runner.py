@@ -327,9 +327,9 @@ def write_final(fed: Federation) -> Path:
     """final/adapter.safetensors (+ base_delta.safetensors for merging methods), final/model/.
     Every rank calls it; with expert shards the adapter file is joined from the writers' rows."""
     final, tmp = fed.run_dir / "final", fed.run_dir / ".final.tmp"
-    adapters = fed.strategy.eval_adapters(None)
-    if fed.shards is not None:
-        adapters = stage_expert_rows(fed, tmp, adapters)
+    held = adapters = fed.strategy.eval_adapters(None)  # under expert shards: this rank's rows
+    if fed.shards is not None:  # the writers save the expert rows; `adapters` keeps the rest
+        adapters = stage_expert_rows(fed, tmp, held)
     elif fed.writes:
         checkpoint.clear_dir(tmp)
     if fed.writes:
@@ -344,19 +344,19 @@ def write_final(fed: Federation) -> Path:
         if delta:
             save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp / "base_delta.safetensors"))
     if fed.cfg.checkpoint.save_merged and evaluates(fed):
-        export_merged(fed, tmp / "model")
+        export_merged(fed, held, tmp / "model")
     if fed.writes:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     return final
 
 
-def export_merged(fed: Federation, out: Path) -> None:
+def export_merged(fed: Federation, adapters: dict[str, Tensor], out: Path) -> None:
     """The merged model at full top-k and rank, written by world rank 0. Under expert
     parallelism its expert-parallel group all-gathers the experts first (gathered_experts):
     the one place where a rank holds every expert, because the export is the whole model."""
     model = fed.engine.model
-    fed.engine.load_adapters(fed.strategy.eval_adapters(None))
+    fed.engine.load_adapters(adapters)
     set_base_delta(model, fed.strategy.base_delta())
     set_top_k(model, model.config.num_experts_per_tok)
     set_lora_rank(model, fed.cfg.model.lora.rank)

@@ -17,10 +17,6 @@ def is_partitioned(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
 
 
-def is_zero3_model(model: nn.Module) -> bool:
-    return any(is_partitioned(p) for p in model.parameters())
-
-
 @contextmanager
 def gathered(params, modify: bool = False):
     params = [p for p in params if is_partitioned(p)]
