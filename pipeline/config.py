@@ -72,6 +72,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     max_length: int = 64
     precision: str = "fp32"  # fp32 | bf16
+    deterministic: bool | None = None  # deterministic kernels; None: on for CPU, off on CUDA
 
 
 @dataclass

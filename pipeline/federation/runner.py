@@ -20,6 +20,7 @@ from pipeline import checkpoint
 from pipeline.algorithms import STRATEGIES, ClientUpdate, ModelInfo, Strategy, build_strategy
 from pipeline.config import Config, Tier, dump_config, load_config, resolve_tiers
 from pipeline.engine.client import ClientEngine
+from pipeline.engine.determinism import use_deterministic_kernels
 from pipeline.errors import UserError
 from pipeline.eval.metrics import MetricsLogger, round_table
 from pipeline.eval.report import balance_stats, write_report
@@ -71,6 +72,7 @@ def setup(cfg: Config):
     """Model, tokenizer, tiers, strategy (with its initial state) and data: all a run reads."""
     if cfg.algorithm.name not in STRATEGIES:  # fail before the model loads
         build_strategy(cfg.algorithm.name, {}, None, [])
+    use_deterministic_kernels(cfg.train.deterministic)
     model, tokenizer = load_patched_model(cfg.model)
     torch.manual_seed(cfg.seed)  # nothing should draw from it; pinned anyway
     mcfg = model.config
@@ -379,7 +381,10 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
     if state is not None:
         tensors, meta = checkpoint.load_checkpoint(state, fed.shards.range if fed.shards else None)
         fed.strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
-    fed.metrics.log("run", status="resumed" if state else "started", round=start_round)
+    # The bits are reproducible for a given thread count and library versions: record both.
+    fed.metrics.log("run", status="resumed" if state else "started", round=start_round,
+                    threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled(),
+                    torch=torch.__version__)
     show = cfg.logging.progress and fed.writes
     progress = _progress(show)
     previous: dict[str, float] = {}

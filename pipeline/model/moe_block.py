@@ -303,16 +303,20 @@ class HeteroMoEBlock(nn.Module):
         if self.record_counts and not _in_backward():
             self.token_counts += counts
         token = order // k
+        # index_select, not x[token]: on CPU the backward of tensor indexing is an index_put_
+        # whose multi-threaded float accumulation order varies from run to run; index_select's
+        # backward (index_add_) adds rows in index order, so gradients are the same bits.
+        xs = x.index_select(0, token)
+        w = weights.reshape(-1).index_select(0, order)
         if self.ep_size > 1:
-            y = self._dispatch_ep(x[token], weights.reshape(-1)[order], counts)
+            y = self._dispatch_ep(xs, w, counts)
             return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
 
-        xs = x[token]
         gate, up = self._project(xs, "gate_up", offsets).chunk(2, dim=-1)
         # The routing weight goes on the I-wide activation rather than the H-wide output:
         # linear, so the same result, and I <= H in OLMoE.
-        h = self.experts.act_fn(gate) * up * weights.reshape(-1)[order, None].to(up.dtype)
+        h = self.experts.act_fn(gate) * up * w[:, None].to(up.dtype)
         y = self._project(h, "down", offsets)
         return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
@@ -336,13 +340,13 @@ class HeteroMoEBlock(nn.Module):
         local_expert = torch.repeat_interleave(torch.arange(L, device=rows.device).repeat(P),
                                                recv.reshape(-1))
         perm = torch.argsort(local_expert, stable=True)
-        rows = rows[perm]
+        rows = rows.index_select(0, perm)
         offsets = torch.cumsum(recv.sum(0), 0, dtype=torch.int32)
         xr, wr = rows[:, :-1], rows[:, -1:]
         gate, up = self._project(xr, "gate_up", offsets).chunk(2, dim=-1)
         h = self.experts.act_fn(gate) * up * wr.to(up.dtype)
         y = self._project(h, "down", offsets)
-        y = y[torch.argsort(perm)]  # back to source order
+        y = y.index_select(0, torch.argsort(perm))  # back to source order
         return all_to_all(y, recv_sizes, send_sizes, group)
 
     def extra_repr(self) -> str:

@@ -54,8 +54,8 @@ def test_eval_command_reproduces_final_accuracy(finished_run, tmp_path):
     assert {r["tier"]: r["accuracy"] for r in rows} == last
 
 
-def _start(*args):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+def _start(*args, threads=1):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads)}
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -80,17 +80,21 @@ def _kill_when(proc, run, reached_round=None, after_seconds=None, timeout=240):
     proc.wait()
 
 
-def test_sigkill_and_resume_is_bitwise_identical(finished_run, tmp_path):
+def test_sigkill_and_resume_at_two_threads_is_bitwise_identical(two_thread_run, tmp_path):
+    """Same seed, same bits at the default thread count of a 2-core machine: a second run,
+    killed at several moments and resumed, ends where the uninterrupted one does."""
     run = tmp_path / "killed"
-    _kill_when(_start("run", "--config", TINY, "--out", run), run, reached_round=1)
+    _kill_when(_start("run", "--config", TINY, "--out", run, threads=2), run, reached_round=1)
     # Kill again at other moments: during start-up, then after the next checkpoint.
-    _kill_when(_start("resume", run), run, after_seconds=3.0)
-    _kill_when(_start("resume", run), run, reached_round=2)
+    _kill_when(_start("resume", run, threads=2), run, after_seconds=3.0)
+    _kill_when(_start("resume", run, threads=2), run, reached_round=2)
     for _ in range(5):
         if (run / "final" / "adapter.safetensors").exists():
             break
-        fedmoe("resume", run)
-    want = load_file(finished_run / "final" / "adapter.safetensors")
+        fedmoe("resume", run, threads=2)
+    starts = [json.loads(line) for line in (two_thread_run / "metrics.jsonl").read_text().splitlines()]
+    assert [e["threads"] for e in starts if e["event"] == "run" and e["status"] == "started"] == [2]
+    want = load_file(two_thread_run / "final" / "adapter.safetensors")
     got = load_file(run / "final" / "adapter.safetensors")
     assert want.keys() == got.keys()
     for k in want:
