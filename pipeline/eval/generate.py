@@ -4,7 +4,8 @@ Prompts are left-padded into batches (position ids counted from each row's first
 token), run once through the model, and then extended one token per step from the cache.
 Greedy means argmax, ties to the lowest token id, so a result depends only on the model,
 the prompts and the batch size. A row stops at the tokenizer's EOS token; the loop stops
-when every row has, or after `max_new_tokens`.
+when every row has (not in a torch.distributed world of several ranks, where forwards are
+collectives), or after `max_new_tokens`.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ def _generate_batch(model, prompts: list[list[int]], max_new_tokens: int, pad_id
                    logits_to_keep=1, **{cache_kw: cache}).logits
     last = position[:, -1:]
     done = torch.zeros(n, dtype=torch.bool, device=device)
+    # Under ZeRO-3 or expert parallelism every forward is a collective of the evaluating ranks:
+    # they all run max_new_tokens steps rather than trust their EOS decisions to agree.
+    lockstep = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
     out: list[torch.Tensor] = []
     for step in range(max_new_tokens):
         token = logits[:, -1].argmax(-1)
@@ -59,7 +64,7 @@ def _generate_batch(model, prompts: list[list[int]], max_new_tokens: int, pad_id
         out.append(token)
         if eos_id is not None:
             done |= token == eos_id
-        if step == max_new_tokens - 1 or bool(done.all()):
+        if step == max_new_tokens - 1 or (bool(done.all()) and not lockstep):
             break
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
         last = last + 1

@@ -111,19 +111,21 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def round_table(evals: list[dict], previous: dict[str, float] | None,
                 chance: float | None) -> Table:
-    """One row per tier: tier, top_k, accuracy, change vs that tier's previous eval, loss."""
+    """One row per tier: tier, top_k, accuracy, change vs that tier's previous eval, loss
+    (in generate mode, which has no loss: the share of format failures)."""
+    generate = any(row.get("mode") == "generate" for row in evals)
     table = Table(show_header=True, header_style="bold")
     table.add_column("tier")
     table.add_column("top_k", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("change", justify="right")
-    table.add_column("loss", justify="right")
+    table.add_column("format failures" if generate else "loss", justify="right")
     for row in evals:
         tier = str(row.get("tier", "?"))
         accuracy = row.get("accuracy")
         before = (previous or {}).get(tier)
-        table.add_row(tier, _fmt(row.get("top_k"), "{}"), _fmt_percent(accuracy),
-                      _change(accuracy, before), _fmt(row.get("loss"), "{:.4f}"))
+        last = _fmt_percent(row.get("format_failures")) if generate else _fmt(row.get("loss"), "{:.4f}")
+        table.add_row(tier, _fmt(row.get("top_k"), "{}"), _fmt_percent(accuracy), _change(accuracy, before), last)
     if chance is not None:
         table.caption = f"chance accuracy {chance * 100:.1f}%"
     return table

@@ -119,3 +119,23 @@ def test_config_checks_the_eval_keys(override, field):
     with pytest.raises(ConfigError, match=field):
         config_from_dict({"tiers": [{"name": "t"}], "eval": override})
     assert config_from_dict({"tiers": [{"name": "t"}]}).eval.mode == "choice"  # the default
+
+
+def test_tables_show_format_failures_in_generate_mode():
+    from rich.console import Console
+
+    from pipeline.eval.metrics import eval_tables, round_table
+
+    rows = [{"tier": "low", "top_k": 2, "lora_rank": 8, "mode": "generate", "accuracy": 0.5, "loss": None,
+             "format_failures": 0.25, "per_family": {"count": 0.75, "next": 0.125}},
+            {"tier": "low", "top_k": 8, "lora_rank": 8, "mode": "generate", "accuracy": 0.625, "loss": None,
+             "format_failures": 0.0, "per_family": {"count": 1.0, "next": 0.25}}]
+    console = Console(record=True, width=120)
+    console.print(round_table(rows[:1], None, 0.25))
+    for table in eval_tables(rows, "title", 0.25):
+        console.print(table)
+    text = console.export_text()
+    assert "format failures" in text and "25.00%" in text and "loss" not in text
+    assert "low k=2" in text and "low k=8" in text
+    count_row = next(line for line in text.splitlines() if "count" in line)
+    assert "75.0" in count_row and "100.0" in count_row
