@@ -6,9 +6,19 @@ import pytest
 
 from pipeline.cli import main
 
-from .conftest import fedmoe
-
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The run was made with one thread (tests/e2e/conftest.py); evaluating in this process
+    with the same count makes its numbers bitwise comparable."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _final_evals(run) -> dict[str, dict]:
@@ -17,8 +27,11 @@ def _final_evals(run) -> dict[str, dict]:
     return {e["tier"]: e for e in events if e["event"] == "eval" and e["round"] == last}
 
 
-def test_eval_at_several_top_k(finished_run, tmp_path):
-    proc = fedmoe("eval", finished_run, "--top-k", 2, "--top-k", 8, "--json", tmp_path / "e.json")
+def test_eval_at_several_top_k(finished_run, tmp_path, capsys):
+    # The CLI's main in this process, as test_bad_input runs it: a second interpreter costs ~10 s
+    # (test_run.py runs `fedmoe eval` as a subprocess).
+    assert main(["eval", str(finished_run), "--top-k", "2", "--top-k", "8", "--json", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
     rows = json.loads((tmp_path / "e.json").read_text())
     assert [(r["tier"], r["top_k"]) for r in rows] == [("low", 2), ("low", 8), ("high", 2), ("high", 8)]
     final = _final_evals(finished_run)
@@ -30,11 +43,10 @@ def test_eval_at_several_top_k(finished_run, tmp_path):
     # smoe's tiers share one global model: at the same top-k they are the same model.
     assert by[("low", 8)]["per_family"] == by[("high", 8)]["per_family"]
     assert all(r["mode"] == "choice" and r["format_failures"] == 0.0 for r in rows)
-    assert "accuracy per family" in proc.stdout and "samekind" in proc.stdout
+    assert "accuracy per family" in out and "samekind" in out and "high k=2" in out
 
 
 def test_eval_generate_mode_end_to_end(finished_run, tmp_path):
-    # In this process (the CLI's main, as test_bad_input does): a second interpreter costs ~10 s.
     for name in ("g1.json", "g2.json"):
         assert main(["eval", str(finished_run), "--mode", "generate", "--top-k", "2", "--json", str(tmp_path / name)]) == 0
     rows = json.loads((tmp_path / "g1.json").read_text())
