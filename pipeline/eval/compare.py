@@ -179,7 +179,7 @@ def markdown(spec: Spec, result: dict, command: str) -> str:
     n = len(spec.seeds)
     lines = [f"# Comparison on `{spec.base}`", "",
              f"Seeds {spec.seeds}; final accuracy in %: mean ± half-width of its 95% confidence interval "
-             f"over the {n} seeds (Student t, {n - 1} degrees of freedom; standard deviations in "
+             f"over the {n} seeds (Student t, {n - 1} degree{'s' * (n != 2)} of freedom; standard deviations in "
              f"summary.json); chance {100 * first['chance']:.1f}%. Produced by:", "",
              f"```\n{command}\n```", ""]
     header = ["method", *[f"{t}" for t in tiers], "avg over tiers", "lowest-tier FLOPs vs top",
