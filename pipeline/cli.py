@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--checkpoint", default=None, help="a checkpoint directory instead of checkpoints/latest")
     ev.add_argument("--json", default=None, metavar="PATH", help="also write the per-tier results as JSON")
+    ev.add_argument("--top-k", dest="top_ks", action="append", default=[], metavar="K",
+                    help="evaluate every tier at K experts per token instead of its own (repeatable)")
+    ev.add_argument("--mode", default=None, metavar="choice|generate",
+                    help="option log-likelihood or greedy generation + answer extraction (default: the run's eval.mode)")
 
     cmp_ = sub.add_parser("compare", help="run methods x seeds from a spec and write a comparison table")
     cmp_.add_argument("spec", help="comparison spec, e.g. configs/compare/benchmark.yaml")
@@ -75,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _top_ks(values: list[str]) -> list[int]:
+    """--top-k values as integers; parsed here, not by argparse, so a bad one is one line, exit 2."""
+    out = []
+    for v in values:
+        try:
+            out.append(int(v))
+        except ValueError:
+            raise UserError(f"--top-k: expected an integer, got {v!r}") from None
+    return list(dict.fromkeys(out))  # repeated values evaluated once, in the order given
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
-    from pipeline.config import load_config
+    from pipeline.config import EVAL_MODES, load_config
 
     if args.command == "run":
         cfg = load_config(args.config, args.overrides)
@@ -114,10 +129,14 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
             return 1
         return 0
     if args.command == "eval":
+        if args.mode is not None and args.mode not in EVAL_MODES:  # before any import or load
+            raise UserError(f"--mode: must be choice or generate, got {args.mode!r}")
+        _top_ks(args.top_ks)
         _quiet_libraries()
-        from pipeline.federation.runner import evaluate_run
+        from pipeline.federation.evaluation import evaluate_run
 
-        rows = evaluate_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None)
+        rows = evaluate_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None,
+                            top_ks=_top_ks(args.top_ks), mode=args.mode)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=1))
         return 0

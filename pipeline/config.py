@@ -18,6 +18,7 @@ import yaml
 from pipeline.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+EVAL_MODES = ("choice", "generate")
 
 
 @dataclass
@@ -95,6 +96,8 @@ class DataConfig:
 class EvalConfig:
     every: int = 1  # evaluate the global model every N rounds (and always after the last)
     batch_size: int = 64
+    mode: str = "choice"  # choice (option log-likelihood) | generate (greedy decoding + answer extraction)
+    max_new_tokens: int = 8  # generate mode: tokens decoded per prompt
 
 
 @dataclass
@@ -329,6 +332,8 @@ def validate(cfg: Config) -> None:
     _check(data.dirichlet_alpha > 0, "data.dirichlet_alpha", f"must be > 0, got {data.dirichlet_alpha}")
     _check(cfg.eval.every >= 1, "eval.every", "must be >= 1")
     _check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    _check(cfg.eval.mode in EVAL_MODES, "eval.mode", f"must be choice or generate, got {cfg.eval.mode!r}")
+    _check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {cfg.eval.max_new_tokens}")
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
 

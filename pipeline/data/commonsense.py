@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .tasks import Example
 
-__all__ = ["load_commonsense", "record_to_example", "label_family"]
+__all__ = ["load_commonsense", "load_test_tree", "record_to_example", "label_family", "TEST_SETS",
+           "LLM_ADAPTERS_PATTERNS"]
 
 PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
@@ -32,6 +33,23 @@ PROMPT_WITH_INPUT = (
 )
 ANSWER_LEAD = "the correct answer is"
 _FIELDS = ("instruction", "input", "output", "answer")
+
+# The eight evaluation sets, as LLM-Adapters lays them out (dataset/<name>/test.json), and the
+# regex its commonsense_evaluate.py extracts each one's answer with (verbatim; see
+# pipeline/eval/extract.py). A test record whose answer this regex cannot produce could never
+# be scored correct, so the tree loader refuses it.
+_ANSWER_N = r"answer1|answer2|answer3|answer4|answer5"
+LLM_ADAPTERS_PATTERNS: dict[str, str] = {
+    "boolq": r"true|false",
+    "piqa": r"solution1|solution2",
+    "social_i_qa": _ANSWER_N,
+    "hellaswag": r"ending1|ending2|ending3|ending4",
+    "winogrande": r"option1|option2",
+    "ARC-Challenge": _ANSWER_N,
+    "ARC-Easy": _ANSWER_N,
+    "openbookqa": _ANSWER_N,
+}
+TEST_SETS: tuple[str, ...] = tuple(LLM_ADAPTERS_PATTERNS)
 
 # Label kind -> (family, default label set when the instruction does not list it).
 _NUMBERED = {
@@ -153,8 +171,41 @@ def _locate_bad_record(path: Path) -> None:
         record_to_example(rec, f"{path}, record {i}")
 
 
+def _tree_files(root: Path) -> list[tuple[str, Path]]:
+    return [(name, root / name / "test.json") for name in TEST_SETS if (root / name / "test.json").is_file()]
+
+
+def load_test_tree(root: str | Path) -> list[Example]:
+    """The LLM-Adapters test sets under `root` (its `dataset/` directory): every
+    `<name>/test.json` of the eight present, in TEST_SETS order, each example's family being
+    the dataset's name. Other directories (their math sets) are ignored."""
+    root = Path(root).expanduser()
+    files = _tree_files(root)
+    if not files:
+        raise ValueError(f"{root}: no <dataset>/test.json of the LLM-Adapters layout "
+                         f"(looked for {', '.join(TEST_SETS)})")
+    out: list[Example] = []
+    for name, path in files:
+        # Plain json, not `datasets`: a test set is at most a few MB, and this keeps types as written.
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: invalid JSON ({err})") from None
+        if not isinstance(records, list) or not records:
+            raise ValueError(f"{path}: expected a non-empty JSON list of records")
+        for i, rec in enumerate(records):
+            ex = record_to_example(rec, f"{path}, record {i}")
+            gold = ex.options[ex.answer]
+            if not re.fullmatch(LLM_ADAPTERS_PATTERNS[name], gold):
+                raise ValueError(f"{path}, record {i}: answer {gold!r} is not a {name} label "
+                                 f"({LLM_ADAPTERS_PATTERNS[name]})")
+            out.append(Example(ex.prompt, ex.options, ex.answer, name))
+    return out
+
+
 def load_commonsense(path_or_hub_id: str | Path, split: str = "train") -> list[Example]:
-    """Load LLM-Adapters commonsense records (local JSON/JSONL file or a hub dataset id).
+    """Load LLM-Adapters commonsense records (local JSON/JSONL file, a directory in the
+    LLM-Adapters test layout (`load_test_tree`), or a hub dataset id).
 
     Missing local file -> FileNotFoundError naming the path; a malformed record ->
     ValueError naming the file and the record's index.
@@ -162,6 +213,8 @@ def load_commonsense(path_or_hub_id: str | Path, split: str = "train") -> list[E
     spec = str(path_or_hub_id)
     path = Path(spec).expanduser()
     if path.exists():
+        if path.is_dir() and _tree_files(path):
+            return load_test_tree(path)
         if path.is_dir():
             import datasets
 

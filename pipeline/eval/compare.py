@@ -26,6 +26,7 @@ from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.eval.metrics import read_metrics
 from pipeline.eval.report import load_summary, relative_load
+from pipeline.eval.stats import mean_interval, paired_interval
 
 console = Console()
 
@@ -36,7 +37,7 @@ class Spec:
     seeds: list[int]
     overrides: list[str]
     methods: dict[str, list[str]]
-    reference: str | None  # the method whose load map is shown beside each sparse method
+    reference: str | None  # every method's per-seed paired difference to this one is tabulated
 
 
 def read_spec(path: Path) -> Spec:
@@ -58,6 +59,8 @@ def read_spec(path: Path) -> Spec:
         base = path.parent / base
     spec = Spec(base, [int(s) for s in raw.get("seeds", [0])], list(raw.get("overrides", [])),
                 {str(k): list(v or []) for k, v in methods.items()}, raw.get("reference"))
+    if spec.reference is not None and spec.reference not in spec.methods:
+        raise UserError(f"{path}: reference: {spec.reference!r} is not one of the methods ({', '.join(spec.methods)})")
     for name, overrides in spec.methods.items():  # fail now, not in run 17 of 30
         load_config(spec.base, [*spec.overrides, *overrides, "seed=0"])
     return spec
@@ -131,10 +134,19 @@ def summarise(spec: Spec, runs: dict[tuple[str, int], Path]) -> dict:
                     for k in ("flops_vs_top", "train_flops_per_token", "step_seconds", "load_cv",
                               "dead_expert_share", "load_entropy")
                     if any(e.get(t, {}).get(k) is not None for e in last_evals)} for t in tiers}
+        finals = {t: [s["tiers"][t]["final"] for s in summaries] for t in tiers}
+        finals["average"] = [float(np.mean([s["tiers"][t]["final"] for t in tiers])) for s in summaries]
         result[method] = {"tiers": tiers, "accuracy": per_tier, "base": base, "average": average,
+                          "seeds": list(spec.seeds), "finals": finals,
+                          "ci95": {k: mean_interval(v).to_json() for k, v in finals.items()},
                           "cost": cost, "chance": summaries[0]["chance"],
                           "top_k": {t: summaries[0]["tiers"][t]["top_k"] for t in tiers},
                           "lora_rank": {t: summaries[0]["tiers"][t]["lora_rank"] for t in tiers}}
+    if spec.reference is not None:
+        ref = result[spec.reference]["finals"]
+        for method, r in result.items():
+            r["paired_to"] = spec.reference
+            r["paired"] = {k: paired_interval(v, ref[k]).to_json() for k, v in r["finals"].items()}
     return result
 
 
@@ -146,15 +158,29 @@ def _last_eval_stats(run: Path) -> dict[str, dict]:
     return out
 
 
-def _fmt(mean: float, std: float) -> str:
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+def _ci(iv: dict) -> str:
+    """mean ± half-width in %; the mean alone when one seed gives no interval."""
+    if iv["n"] < 2:
+        return f"{100 * iv['mean']:.1f}"
+    return f"{100 * iv['mean']:.1f} ± {100 * iv['half']:.1f}"
+
+
+def _diff(iv: dict) -> str:
+    """A paired difference in pp; bold when its interval excludes zero."""
+    if iv["n"] < 2:
+        return f"{100 * iv['mean']:+.1f}"
+    text = f"{100 * iv['mean']:+.1f} ± {100 * iv['half']:.1f}"
+    return f"**{text}**" if iv["excludes_zero"] else text
 
 
 def markdown(spec: Spec, result: dict, command: str) -> str:
-    tiers = next(iter(result.values()))["tiers"]
+    first = next(iter(result.values()))
+    tiers = first["tiers"]
+    n = len(spec.seeds)
     lines = [f"# Comparison on `{spec.base}`", "",
-             f"Seeds {spec.seeds}; final accuracy in % (mean ± std over seeds); chance "
-             f"{100 * next(iter(result.values()))['chance']:.1f}%. Produced by:", "",
+             f"Seeds {spec.seeds}; final accuracy in %: mean ± half-width of its 95% confidence interval "
+             f"over the {n} seeds (Student t, {n - 1} degree{'s' * (n != 2)} of freedom; standard deviations in "
+             f"summary.json); chance {100 * first['chance']:.1f}%. Produced by:", "",
              f"```\n{command}\n```", ""]
     header = ["method", *[f"{t}" for t in tiers], "avg over tiers", "lowest-tier FLOPs vs top",
               "lowest-tier load CV", "lowest-tier dead experts"]
@@ -162,10 +188,21 @@ def markdown(spec: Spec, result: dict, command: str) -> str:
     low = tiers[0]
     for method, r in result.items():
         cost = r["cost"].get(low, {})
-        cells = [method, *[_fmt(*r["accuracy"][t]) for t in tiers], _fmt(*r["average"]),
+        cells = [method, *[_ci(r["ci95"][t]) for t in tiers], _ci(r["ci95"]["average"]),
                  f"{cost.get('flops_vs_top', float('nan')):.2f}x", f"{cost.get('load_cv', float('nan')):.2f}",
                  f"{100 * cost.get('dead_expert_share', float('nan')):.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
+    if spec.reference is not None:
+        ref = spec.reference
+        lines += ["", f"Paired difference to `{ref}` in pp: per seed, the method's run minus `{ref}`'s run "
+                  f"of the same seed (same data split, clients and evaluation prompts), mean ± half-width of "
+                  f"the 95% t interval of the {n} differences; **bold**: the interval excludes zero.", ""]
+        header = ["method", *tiers, "avg over tiers"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for method, r in result.items():
+            if method != ref:
+                lines.append("| " + " | ".join([method, *[_diff(r["paired"][t]) for t in tiers],
+                                                _diff(r["paired"]["average"])]) + " |")
     lines += ["", "Tier settings at evaluation (experts per token k / LoRA rank r):", ""]
     lines += [f"- {m}: " + ", ".join(f"{t} k={r['top_k'][t]} r={r['lora_rank'][t]}" for t in tiers)
               for m, r in result.items()]
@@ -197,11 +234,11 @@ def plot_all(spec: Spec, result: dict, runs: dict, out: Path) -> None:
     width = 0.8 / len(methods)
     for i, m in enumerate(methods):
         means = [result[m]["accuracy"][t][0] for t in tiers]
-        stds = [result[m]["accuracy"][t][1] for t in tiers]
-        ax.bar(np.arange(len(tiers)) + i * width, means, width, yerr=stds, label=m, capsize=2)
+        halves = [np.nan_to_num(result[m]["ci95"][t]["half"]) for t in tiers]  # 95% CI over seeds
+        ax.bar(np.arange(len(tiers)) + i * width, means, width, yerr=halves, label=m, capsize=2)
     ax.axhline(result[methods[0]]["chance"], ls="--", c="gray", lw=1, label="chance")
     ax.set_xticks(np.arange(len(tiers)) + 0.4 - width / 2, tiers)
-    ax.set_ylabel("final accuracy")
+    ax.set_ylabel("final accuracy (bars: 95% CI over seeds)")
     ax.legend(fontsize=7, ncol=2)
     _save(fig, plots / "accuracy_per_tier.png")
     # Accuracy (average over tiers) against round, mean over seeds.

@@ -2,7 +2,8 @@
 
 metrics.jsonl holds one JSON object per event, each with `event` and `time` (unix seconds):
 
-    eval    round, tier, top_k, lora_rank, accuracy, loss, per_family, chance   (round 0 = base)
+    eval    round, tier, top_k, lora_rank, mode, accuracy, loss, format_failures, per_family,
+            chance (round 0 = base); generate mode adds per_family_format_failures, loss is null
     client  round, client, tier, top_k, train_loss, steps, n_samples, seconds
     round   round, seconds, clients, expert_load {tier: [[tokens per expert] per layer]}
     reject  round, client, reason
@@ -25,7 +26,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["MetricsLogger", "read_metrics", "round_table", "METRICS_FILE"]
+__all__ = ["MetricsLogger", "read_metrics", "round_table", "eval_tables", "METRICS_FILE"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -110,22 +111,46 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def round_table(evals: list[dict], previous: dict[str, float] | None,
                 chance: float | None) -> Table:
-    """One row per tier: tier, top_k, accuracy, change vs that tier's previous eval, loss."""
+    """One row per tier: tier, top_k, accuracy, change vs that tier's previous eval, loss
+    (in generate mode, which has no loss: the share of format failures)."""
+    generate = any(row.get("mode") == "generate" for row in evals)
     table = Table(show_header=True, header_style="bold")
     table.add_column("tier")
     table.add_column("top_k", justify="right")
     table.add_column("accuracy", justify="right")
     table.add_column("change", justify="right")
-    table.add_column("loss", justify="right")
+    table.add_column("format failures" if generate else "loss", justify="right")
     for row in evals:
         tier = str(row.get("tier", "?"))
         accuracy = row.get("accuracy")
         before = (previous or {}).get(tier)
-        table.add_row(tier, _fmt(row.get("top_k"), "{}"), _fmt_percent(accuracy),
-                      _change(accuracy, before), _fmt(row.get("loss"), "{:.4f}"))
+        last = _fmt_percent(row.get("format_failures")) if generate else _fmt(row.get("loss"), "{:.4f}")
+        table.add_row(tier, _fmt(row.get("top_k"), "{}"), _fmt_percent(accuracy), _change(accuracy, before), last)
     if chance is not None:
         table.caption = f"chance accuracy {chance * 100:.1f}%"
     return table
+
+
+def eval_tables(rows: list[dict], title: str, chance: float | None) -> list[Table]:
+    """`fedmoe eval`: accuracy and format failures per (tier, top_k), then accuracy per family
+    with one column per (tier, top_k), so the table stays narrow with many families."""
+    summary = Table(show_header=True, header_style="bold", title=title)
+    for name in ("tier", "top_k", "rank", "accuracy", "format failures"):
+        summary.add_column(name, justify="left" if name == "tier" else "right")
+    for row in rows:
+        summary.add_row(str(row.get("tier")), _fmt(row.get("top_k"), "{}"), _fmt(row.get("lora_rank"), "{}"),
+                        _fmt_percent(row.get("accuracy")), _fmt_percent(row.get("format_failures")))
+    if chance is not None:
+        summary.caption = f"chance accuracy {chance * 100:.1f}%; a format failure is scored wrong"
+    families = sorted({f for row in rows for f in row.get("per_family", {})})
+    per_family = Table(show_header=True, header_style="bold", title="accuracy per family (%)")
+    per_family.add_column("family")
+    for row in rows:
+        per_family.add_column(f"{row.get('tier')} k={row.get('top_k')}", justify="right")
+    for fam in families:
+        cells = [row.get("per_family", {}).get(fam) for row in rows]
+        per_family.add_row(fam, *[_fmt(None if c is None else 100 * c, "{:.1f}") for c in cells])
+    return [summary, per_family]
 
 
 # ---------------------------------------------------------------------------------------------

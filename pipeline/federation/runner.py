@@ -24,16 +24,16 @@ from pipeline.engine.determinism import use_deterministic_kernels
 from pipeline.errors import UserError
 from pipeline.eval.metrics import MetricsLogger, round_table
 from pipeline.eval.report import balance_stats, write_report
-from pipeline.eval.scoring import evaluate_choices
 from pipeline.federation import signals
 from pipeline.federation.collectives import PackedSums
 from pipeline.federation.distributed import GroupMetrics, reduce_round
 from pipeline.federation.expert_shards import ExpertShards, is_expert_key
+from pipeline.federation.evaluation import evaluate_run, evaluate_tiers  # noqa: F401 - evaluate_run stays importable here
 from pipeline.federation.inputs import FederatedData, load_federated_data, load_patched_model
 from pipeline.federation.sampling import (ADAPTER_INIT, LOCAL_DATA, assign_tiers, derive_seed,
                                           local_batches, sample_clients)
 from pipeline.federation.topology import Topology, current_topology
-from pipeline.model import (flops_per_token, init_adapter_state, load_adapter_state, save_merged,
+from pipeline.model import (flops_per_token, init_adapter_state, save_merged,
                             set_base_delta, set_lora_rank, set_top_k)
 from pipeline.model.expert_parallel import gathered_experts
 from pipeline.model.routing import enable_routing_modulation, set_record_routing
@@ -260,29 +260,11 @@ def tier_training_stats(fed: Federation, updates: list[ClientUpdate], load: dict
     return stats
 
 
-def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: FederatedData,
-                   batch_size: int, round_: int, load_adapters) -> list[dict]:
-    """The global model at each tier's setting (its top-k, rank and adapters) on the held-out suite."""
-    set_base_delta(model, strategy.base_delta())
-    strategy.configure_model(model, None)
-    rows = []
-    for tier in tiers:
-        top_k, rank = strategy.eval_setting(tier)
-        load_adapters(strategy.eval_adapters(tier))
-        set_top_k(model, top_k)
-        set_lora_rank(model, rank)
-        scores = evaluate_choices(model, data.tokenizer, data.eval_examples, batch_size)
-        rows.append({"round": round_, "tier": tier.name, "top_k": top_k, "lora_rank": rank,
-                     "accuracy": scores["accuracy"], "loss": scores["loss"],
-                     "per_family": scores["per_family"], "chance": data.chance})
-    return rows
-
-
 def evaluate(fed: Federation, round_: int) -> list[dict]:
     if not evaluates(fed):  # other ranks hold the same state; rank 0 evaluates it
         return []
-    rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data,
-                          fed.cfg.eval.batch_size, round_, fed.engine.load_adapters)
+    rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data, fed.cfg.eval, round_,
+                          fed.engine.load_adapters)
     if not fed.writes:
         return []
     for row in rows:
@@ -490,27 +472,3 @@ def resume_run(run_dir: Path) -> Path:
         console.print(f"{run_dir}: already finished ({done} rounds)")
         return run_dir / "final"
     return execute(cfg, run_dir, start_round=done + 1, resume_offset=meta["metrics_offset"], state=latest)
-
-
-def evaluate_run(run_dir: Path, checkpoint_path: Path | None = None) -> list[dict]:
-    """`fedmoe eval`: the latest checkpoint (the final state once a run finished), every tier."""
-    run_dir = Path(run_dir)
-    cfg = _run_config(run_dir)
-    model, tokenizer, tiers, strategy, data = setup(cfg)
-    source = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
-    if source is None or not Path(source).is_dir():
-        raise UserError(f"{run_dir}: no checkpoint to evaluate")
-    tensors, meta = checkpoint.load_checkpoint(Path(source))
-    strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
-
-    def load(adapters):
-        try:
-            load_adapter_state(model, adapters)
-        except ValueError as exc:
-            raise UserError(f"{source}: {exc}") from None
-
-    rows = evaluate_tiers(model, strategy, tiers, data, cfg.eval.batch_size, meta["round"], load)
-    table = round_table(rows, None, data.chance)
-    table.title = f"evaluation of {source}"
-    console.print(table)
-    return rows

@@ -1,0 +1,108 @@
+"""Evaluating a global model per tier (every round of a run, and `fedmoe eval`).
+
+`evaluate_tiers` puts the model at each tier's setting (top-k, LoRA rank, adapters) and scores
+the held-out set in the configured mode; `evaluate_run` does it for a saved checkpoint, at the
+tiers' own top-k or at any top-k the user names.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from pipeline import checkpoint
+from pipeline.algorithms import Strategy
+from pipeline.config import EVAL_MODES, Config, EvalConfig, Tier
+from pipeline.errors import UserError
+from pipeline.eval.metrics import eval_tables
+from pipeline.eval.scoring import evaluate_examples
+from pipeline.federation.inputs import FederatedData, resolve_source
+from pipeline.model import load_adapter_state, set_base_delta, set_lora_rank, set_top_k
+
+console = Console()
+
+
+def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: FederatedData, eval_cfg: EvalConfig,
+                   round_: int, load_adapters, mode: str | None = None, top_ks: list[int] | None = None,
+                   progress=None) -> list[dict]:
+    """The global model at each tier's setting (its top-k, rank and adapters) on the held-out suite.
+
+    `top_ks`: evaluate each tier at each of these top-k instead of its own (`fedmoe eval
+    --top-k`); `mode` replaces eval.mode; `progress()` is called after each evaluation.
+    """
+    mode = mode or eval_cfg.mode
+    set_base_delta(model, strategy.base_delta())
+    strategy.configure_model(model, None)
+    rows = []
+    for tier in tiers:
+        top_k, rank = strategy.eval_setting(tier)
+        load_adapters(strategy.eval_adapters(tier))
+        set_lora_rank(model, rank)
+        for k in top_ks or [top_k]:
+            set_top_k(model, k)
+            scores = evaluate_examples(model, data.tokenizer, data.eval_examples, mode, eval_cfg.batch_size,
+                                       eval_cfg.max_new_tokens)
+            row = {"round": round_, "tier": tier.name, "top_k": k, "lora_rank": rank, "mode": mode,
+                   "accuracy": scores["accuracy"], "loss": scores["loss"],
+                   "format_failures": scores["format_failures"], "per_family": scores["per_family"],
+                   "chance": data.chance}
+            if "per_family_format_failures" in scores:
+                row["per_family_format_failures"] = scores["per_family_format_failures"]
+            rows.append(row)
+            if progress is not None:
+                progress()
+    return rows
+
+
+def evaluate_run(run_dir: Path, checkpoint_path: Path | None = None, top_ks: list[int] | None = None,
+                 mode: str | None = None) -> list[dict]:
+    """`fedmoe eval`: the latest checkpoint (the final state once a run finished), every tier at
+    its own top-k or at each of `top_ks`, in `mode` (default: the run's eval.mode)."""
+    from pipeline.federation.runner import _run_config, setup  # runner imports this module
+
+    run_dir = Path(run_dir)
+    cfg = _run_config(run_dir)
+    if mode is not None and mode not in EVAL_MODES:
+        raise UserError(f"--mode: must be choice or generate, got {mode!r}")
+    if top_ks:  # checked against the model's config before the weights and data load
+        check_top_ks(top_ks, model_num_experts(cfg))
+    model, tokenizer, tiers, strategy, data = setup(cfg)
+    source = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
+    if source is None or not Path(source).is_dir():
+        raise UserError(f"{run_dir}: no checkpoint to evaluate")
+    tensors, meta = checkpoint.load_checkpoint(Path(source))
+    strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
+
+    def load(adapters):
+        try:
+            load_adapter_state(model, adapters)
+        except ValueError as exc:
+            raise UserError(f"{source}: {exc}") from None
+
+    total = len(tiers) * len(top_ks or [None])
+    with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("eval", total=total)
+        rows = evaluate_tiers(model, strategy, tiers, data, cfg.eval, meta["round"], load, mode=mode,
+                              top_ks=top_ks, progress=lambda: bar.advance(task))
+    for table in eval_tables(rows, f"{Path(source).name} of {run_dir}, {rows[0]['mode']} mode", data.chance):
+        console.print(table)
+    return rows
+
+
+def model_num_experts(cfg: Config) -> int:
+    """The expert count from the model's config alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    source = resolve_source(cfg.model.source)
+    try:
+        return int(AutoConfig.from_pretrained(source).num_experts)
+    except (OSError, AttributeError) as exc:
+        raise UserError(f"model.source: cannot read the expert count of {source!r}: {exc}") from None
+
+
+def check_top_ks(top_ks: list[int], num_experts: int) -> None:
+    for k in top_ks:
+        if not 1 <= k <= num_experts:
+            raise UserError(f"--top-k: must be in [1, {num_experts}] (the model's experts), got {k}")
