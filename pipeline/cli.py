@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import RetryableError, UserError
 
 
 def _quiet_libraries() -> None:
@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"fedmoe: error: {exc}", file=sys.stderr)
         return 2
+    except RetryableError as exc:  # the message says how to retry
+        print(f"fedmoe: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fedmoe: interrupted; `fedmoe resume RUN_DIR` continues from the last checkpoint",
               file=sys.stderr)
