@@ -30,6 +30,7 @@ META = "state.json"
 MANIFEST = "manifest.json"
 # state.json's fields as runner.save_round writes them; a wrong type is damage, not a crash later
 META_FIELDS = {"round": int, "metrics_offset": int, "algorithm": str, "strategy": dict}
+_KINDS = {int: "an integer", str: "a string", dict: "a JSON object"}
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -241,8 +242,8 @@ def _meta_damage(path: Path) -> str | None:
     for key, kind in META_FIELDS.items():
         value = meta.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
-            got = "missing" if key not in meta else f"a {type(value).__name__}"
-            return f"{META}: {key!r} is {got}, expected a {kind.__name__}"
+            got = "missing" if key not in meta else f"{json.dumps(value)[:20]}"
+            return f"{META}: {key!r} is {got}, expected {_KINDS[kind]}"
     named = re.fullmatch(r"round-(\d+)", path.name)
     if (named and int(named.group(1)) != meta["round"]) or meta["metrics_offset"] < 0:
         return f"{META}: round {meta['round']} / metrics_offset {meta['metrics_offset']} do not fit {path.name}"

@@ -16,3 +16,11 @@ class ConfigError(UserError):
 
 class RetryableError(Exception):
     """May pass on retry (a lost client group, a transient I/O error): exit 1."""
+
+
+class Interrupted(Exception):
+    """Stopped by a signal with everything resumable; the message says how to continue."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code  # 128 + the signal's number, as a shell reports a process it stopped

@@ -55,8 +55,8 @@ def check_fits(path: Path, cfg: Config, strategy, config_file: Path) -> dict[str
         if key not in have:
             raise UserError(f"{path}: holds no {key}, which {config_file} needs; {restore_config}")
         if have[key] != spec:
-            raise UserError(f"{path}: {_mismatch(key, have[key], spec, cfg.model.lora.rank, config_file)}; "
-                            f"{restore_config}")
+            what, fix = _mismatch(key, have[key], spec, cfg.model.lora.rank, config_file)
+            raise UserError(f"{path}: {what}; {fix or restore_config}")
     extra = sorted(k for k in have if k.startswith("adapters/") and k not in want)
     if extra:
         raise UserError(f"{path}: holds {extra[0]}, which {config_file} does not make; {restore_config}")
@@ -67,15 +67,16 @@ def check_fits(path: Path, cfg: Config, strategy, config_file: Path) -> dict[str
     return meta
 
 
-def _mismatch(key: str, have: tuple, want: tuple, rank: int, config_file: Path) -> str:
+def _mismatch(key: str, have: tuple, want: tuple, rank: int, config_file: Path) -> tuple[str, str | None]:
+    """What differs, and the fix when it is known (an edited LoRA rank)."""
     (have_dtype, have_shape), (want_dtype, want_shape) = have, want
     if have_dtype != want_dtype:
-        return f"{key} is {have_dtype}, the config makes it {want_dtype}"
+        return f"{key} is {have_dtype}, the config makes it {want_dtype}", None
     dims = [i for i, (a, b) in enumerate(zip(have_shape, want_shape)) if a != b]
     if len(have_shape) == len(want_shape) and len(dims) == 1 and want_shape[dims[0]] == rank:
-        return (f"{key} has LoRA rank {have_shape[dims[0]]}, but {config_file} has model.lora.rank: {rank} "
-                f"(set it back to {have_shape[dims[0]]})")
-    return f"{key} has shape {list(have_shape)}, the config makes it {list(want_shape)}"
+        return (f"{key} has LoRA rank {have_shape[dims[0]]}, but {config_file} has model.lora.rank: {rank}",
+                f"set it back to {have_shape[dims[0]]}")
+    return f"{key} has shape {list(have_shape)}, the config makes it {list(want_shape)}", None
 
 
 def tensor_specs(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:

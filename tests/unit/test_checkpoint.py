@@ -148,7 +148,7 @@ def _flip_last_byte(path):  # same size, header intact: only the checksum can te
 @pytest.mark.parametrize("file, corrupt, reason", [
     ("state.safetensors", _truncate, "state.safetensors: truncated"),
     ("state.safetensors", _drop_tensor, "state.safetensors: tensor 'adapters/b' missing"),
-    ("state.json", _retype_round, "state.json: 'round' is a str, expected a int"),
+    ("state.json", _retype_round, "state.json: 'round' is \"2\", expected an integer"),
     ("state.safetensors", _flip_last_byte, "state.safetensors: checksum differs from the manifest"),
     ("experts-00004-00008.safetensors", _truncate, "experts-00004-00008.safetensors: truncated"),
     ("manifest.json", lambda p: p.write_text("{"), "manifest.json: unreadable"),
@@ -184,7 +184,7 @@ def test_checkpoint_without_manifest_is_still_read_and_checked(tmp_path):
         (root / f"round-00000{r}" / "manifest.json").unlink()
     assert checkpoint.verified_checkpoint(tmp_path, lambda line: None, "") == root / "round-000002"
     _retype_round(root / "round-000002" / "state.json")
-    assert checkpoint.damage(root / "round-000002") == "state.json: 'round' is a str, expected a int"
+    assert checkpoint.damage(root / "round-000002") == "state.json: 'round' is \"2\", expected an integer"
     assert checkpoint.verified_checkpoint(tmp_path, lambda line: None, "") == root / "round-000001"
 
 
