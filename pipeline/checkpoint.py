@@ -196,8 +196,10 @@ def damage(path: Path) -> str | None:
     if (path / MANIFEST).exists():
         try:
             listed = json.loads((path / MANIFEST).read_text())["files"]
-            assert isinstance(listed, dict) and all(isinstance(v, dict) for v in listed.values())
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{MANIFEST}: unreadable"
+        if not (isinstance(listed, dict) and all(isinstance(v, dict) and "/" not in k and not k.startswith(".")
+                                                 for k, v in listed.items())):
             return f"{MANIFEST}: unreadable"
         unlisted = [p.name for p in path.glob("experts-*.safetensors") if p.name not in listed]
         if unlisted:

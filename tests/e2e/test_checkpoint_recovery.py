@@ -78,8 +78,8 @@ def test_no_intact_checkpoint_exits_2_and_changes_nothing(run, capsys):
     before = (run / "metrics.jsonl").read_bytes()
     assert main(["resume", str(run)]) == 2
     err = _one_line(capsys)
-    assert err.startswith(f"fedmoe: error: {root}: no intact checkpoint (round-000003: state.json: "
-                          "'metrics_offset' is \"many\", expected an integer; round-000002: state.safetensors: missing)")
+    assert err.startswith(f"fedmoe: error: {root}: no intact checkpoint (round-000003: state.json: 'metrics_offset' "
+                          "is \"many\", expected an integer; round-000002: state.safetensors: missing)")
     assert "--overwrite" in err and "resume again" not in err
     assert (run / "metrics.jsonl").read_bytes() == before
 

@@ -67,7 +67,8 @@ def test_compare_force_reruns_and_forwards_sigterm_to_its_runs(compare_dir, tmp_
     spec = _spec(tmp_path, "seeds: [1]\nmethods: {smoe: ['train.lr=0.001']}")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "compare", str(spec), "--out", str(compare_dir),
-                             "--force"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             "--force"], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     start = time.time()
     while proc.poll() is None and time.time() - start < 240:  # the rerun has begun: its config is the new one
         if "lr: 0.001" in _read(run / "config.yaml") and '"started"' in _read(run / "metrics.jsonl"):
@@ -77,8 +78,9 @@ def test_compare_force_reruns_and_forwards_sigterm_to_its_runs(compare_dir, tmp_
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
-    assert err.strip().splitlines()[-1] == (f"fedmoe: compare stopped by SIGTERM; its runs kept their completed rounds: "
-                                            f"run `fedmoe compare {spec} --out {compare_dir} --force` again to continue")
+    assert err.strip().splitlines()[-1] == (
+        f"fedmoe: compare stopped by SIGTERM; its runs kept their completed rounds: "
+        f"run `fedmoe compare {spec} --out {compare_dir} --force` again to continue")
     # The child got the signal: it stopped gracefully, checkpointed, and can be resumed.
     events = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "run" and events[-1]["status"] == "stopped"
