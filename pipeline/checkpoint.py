@@ -1,26 +1,36 @@
-"""Atomic round checkpoints: RUN/checkpoints/round-NNNNNN/ and RUN/checkpoints/latest.
+"""Atomic, verifiable round checkpoints: RUN/checkpoints/round-NNNNNN/ and RUN/checkpoints/latest.
 
-A checkpoint is written into a temporary directory, every file fsynced, then renamed into
-place; `latest` is replaced atomically afterwards. A reader trusts only directories holding
-`state.json` (written last), so a checkpoint torn by SIGKILL is never picked. Loading reads
-safetensors and JSON only: no pickled code.
+A checkpoint is written into a temporary directory, every file fsynced, then `manifest.json`
+(each file's size, sha256 and, for safetensors, tensor names) written last and atomically, then
+the directory is renamed into place; `latest` is replaced atomically afterwards. `damage` checks
+a checkpoint against its manifest, so `resume` and `eval` can pass over a damaged one to the
+previous one (`verified_checkpoint`). Checkpoints from before manifests are checked for readable
+files and fields only. Loading reads safetensors and JSON only: no pickled code.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pipeline.errors import UserError
+from pipeline.errors import RetryableError, UserError
 
 TENSORS = "state.safetensors"
 META = "state.json"
+MANIFEST = "manifest.json"
+# state.json's fields as runner.save_round writes them; a wrong type is damage, not a crash later
+META_FIELDS = {"round": int, "metrics_offset": int, "algorithm": str, "strategy": dict}
+_KINDS = {int: "an integer", str: "a string", dict: "a JSON object"}
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -38,11 +48,15 @@ def _fsync_path(path: Path) -> None:
 def write_atomic(path: Path, text: str) -> None:
     """Write a small text file so that readers see the old or the new content, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_path(path.parent)
 
 
@@ -62,24 +76,71 @@ def save_checkpoint(run_dir: Path, round_: int, tensors: dict[str, Tensor], meta
     root = checkpoint_dir(run_dir)
     final = root / f"round-{round_:06d}"
     tmp = staging_dir(run_dir, round_)
-    if not staged:
-        clear_dir(tmp)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
-    _fsync_path(tmp / TENSORS)
-    (tmp / META).write_text(json.dumps({"round": round_, **meta}, indent=1))
-    _fsync_path(tmp / META)
-    _fsync_path(tmp)
-    if final.exists():  # a resumed run re-reaching a round replaces its older copy
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_path(root)
-    write_atomic(root / "latest", final.name + "\n")
+    try:
+        if not staged:
+            clear_dir(tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+        _fsync_path(tmp / TENSORS)
+        (tmp / META).write_text(json.dumps({"round": round_, **meta}, indent=1))
+        _fsync_path(tmp / META)
+        write_manifest(tmp)  # last: a directory holding it is complete
+        if final.exists():  # a resumed run re-reaching a round replaces its older copy
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_path(root)
+        write_atomic(root / "latest", final.name + "\n")
+    except (OSError, SafetensorError) as exc:  # safetensors reports I/O errors as its own type
+        shutil.rmtree(tmp, ignore_errors=True)  # gives back what the failed write took
+        raise _write_failed(run_dir, final, exc) from None
     _prune(root, keep)
     return final
 
 
+_USER_FIXES = {errno.ENOSPC: "free disk space", errno.EDQUOT: "free disk space (quota)",
+               errno.EROFS: "make the file system writable", errno.EACCES: "fix the permissions",
+               errno.EPERM: "fix the permissions"}
+
+
+def _write_failed(run_dir: Path, final: Path, exc: Exception) -> Exception:
+    """One line: what failed, that the previous checkpoint is intact, what to do. A full disk
+    or a read-only directory needs the user (UserError); other I/O errors may pass on retry."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    found = re.search(r"os error (\d+)", str(exc))  # SafetensorError carries the errno in its text
+    code = code if code is not None else (int(found.group(1)) if found else None)
+    what = os.strerror(code) if code else str(exc)
+    previous = latest_checkpoint(run_dir)
+    kept = (f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists")
+    then = "continues from it" if previous else "starts the run over"
+    if code in _USER_FIXES:
+        return UserError(f"{final}: {what} while writing this checkpoint; {kept}: "
+                         f"{_USER_FIXES[code]}, then `fedmoe resume {run_dir}` {then}")
+    return RetryableError(f"{final}: {what} while writing this checkpoint; {kept}: "
+                          f"resume again with `fedmoe resume {run_dir}`")
+
+
+def write_manifest(directory: Path) -> None:
+    """manifest.json: size, sha256 and (safetensors) tensor names of every file in `directory`."""
+    files = {p.name: _describe(p) for p in sorted(Path(directory).iterdir())
+             if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    write_atomic(Path(directory) / MANIFEST, json.dumps({"format": 1, "files": files}, indent=1))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    entry: dict[str, Any] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as fh:
+            entry["tensors"] = sorted(fh.keys())
+    return entry
+
+
 def _complete(path: Path) -> bool:
-    return (path / META).is_file() and (path / TENSORS).is_file()
+    """Fully written: a manifest, or (before manifests) state.json beside the tensors."""
+    return (path / MANIFEST).is_file() or ((path / META).is_file() and (path / TENSORS).is_file())
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -90,16 +151,105 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint: the one `latest` names, else the highest complete round."""
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first: the one `latest` names, then by round."""
     root = checkpoint_dir(run_dir)
-    pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if _complete(named):
-            return named
-    rounds = sorted(p for p in root.glob("round-*") if _complete(p))
-    return rounds[-1] if rounds else None
+    rounds = sorted((p for p in root.glob("round-*") if _complete(p)), reverse=True)
+    try:
+        named = root / (root / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        named = None
+    if named in rounds:
+        rounds.remove(named)
+        rounds.insert(0, named)
+    return rounds
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint (not verified: see `verified_checkpoint`)."""
+    rounds = complete_checkpoints(run_dir)
+    return rounds[0] if rounds else None
+
+
+def verified_checkpoint(run_dir: Path, warn: Callable[[str], None], remedy: str) -> Path | None:
+    """The newest checkpoint that `damage` finds intact; `warn` gets one line per damaged one
+    passed over. None when the run has no checkpoint; UserError when every one is damaged."""
+    damaged = []
+    for path in complete_checkpoints(run_dir):
+        why = damage(path)
+        if why is None:
+            for bad, reason in damaged:
+                warn(f"{bad} is damaged ({reason}); using {path.name}")
+            return path
+        damaged.append((path, why))
+    if not damaged:
+        return None
+    listing = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+    raise UserError(f"{checkpoint_dir(run_dir)}: no intact checkpoint ({listing}); {remedy}")
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint in `path` cannot be trusted (a missing, truncated or changed file, a
+    missing tensor, a wrongly typed state.json field), or None when it is intact."""
+    path = Path(path)
+    listed = None
+    if (path / MANIFEST).exists():
+        try:
+            listed = json.loads((path / MANIFEST).read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return f"{MANIFEST}: unreadable"
+        if not (isinstance(listed, dict) and all(isinstance(v, dict) and "/" not in k and not k.startswith(".")
+                                                 for k, v in listed.items())):
+            return f"{MANIFEST}: unreadable"
+        unlisted = [p.name for p in path.glob("experts-*.safetensors") if p.name not in listed]
+        if unlisted:
+            return f"{unlisted[0]}: not in the manifest"
+    names = list(listed) if listed is not None else [META, TENSORS]
+    for name in names:
+        if not (path / name).is_file():
+            return f"{name}: missing"
+    why = _meta_damage(path)
+    if why:
+        return why
+    for name in [n for n in names if n.endswith(".safetensors")] + (
+            [] if listed is not None else [p.name for p in path.glob("experts-*.safetensors")]):
+        entry = listed.get(name, {}) if listed is not None else {}
+        size = (path / name).stat().st_size
+        try:
+            with safe_open(str(path / name), framework="pt") as fh:
+                keys = set(fh.keys())
+        except (OSError, SafetensorError) as exc:
+            if size < entry.get("size", 0):
+                return f"{name}: truncated ({size} of {entry['size']} bytes)"
+            return f"{name}: unreadable ({exc})"
+        missing = sorted(set(entry.get("tensors", [])) - keys)
+        if missing:
+            return f"{name}: tensor {missing[0]!r} missing"
+    for name, entry in (listed or {}).items():
+        size = (path / name).stat().st_size
+        if size != entry.get("size"):
+            return f"{name}: {size} bytes, the manifest records {entry.get('size')}"
+        if _sha256(path / name) != entry.get("sha256"):
+            return f"{name}: checksum differs from the manifest"
+    return None
+
+
+def _meta_damage(path: Path) -> str | None:
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as exc:
+        return f"{META}: unreadable ({exc})"
+    if not isinstance(meta, dict):
+        return f"{META}: not a JSON object"
+    for key, kind in META_FIELDS.items():
+        value = meta.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "missing" if key not in meta else f"{json.dumps(value)[:20]}"
+            return f"{META}: {key!r} is {got}, expected {_KINDS[kind]}"
+    named = re.fullmatch(r"round-(\d+)", path.name)
+    if (named and int(named.group(1)) != meta["round"]) or meta["metrics_offset"] < 0:
+        return f"{META}: round {meta['round']} / metrics_offset {meta['metrics_offset']} do not fit {path.name}"
+    return None
 
 
 def load_meta(path: Path) -> dict[str, Any]:

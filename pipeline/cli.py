@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import Interrupted, RetryableError, UserError
 
 
 def _quiet_libraries() -> None:
@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--jobs", type=int, default=2, help="runs in parallel (threads split evenly)")
     cmp_.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="extra override applied to every run (repeatable)")
+    cmp_.add_argument("--force", action="store_true",
+                      help="train again the runs whose recorded config differs from the spec's (default: exit 2)")
 
     plan = sub.add_parser("plan", help="print the MPI layout (client groups, their ranks and clients); runs nothing")
     plan.add_argument("--config", default=None, help="YAML experiment (default: configs/default.yaml)")
@@ -97,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"fedmoe: error: {exc}", file=sys.stderr)
         return 2
+    except RetryableError as exc:  # the message says how to retry
+        print(f"fedmoe: {exc}", file=sys.stderr)
+        return 1
+    except Interrupted as exc:  # the message says how to continue
+        print(f"fedmoe: {exc}", file=sys.stderr)
+        return exc.code
     except KeyboardInterrupt:
         print("fedmoe: interrupted; `fedmoe resume RUN_DIR` continues from the last checkpoint",
               file=sys.stderr)
@@ -146,7 +154,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         if args.jobs < 1:
             raise UserError(f"--jobs: must be >= 1, got {args.jobs}")
         command = "fedmoe compare " + " ".join(sys.argv[2:] if argv is None else argv[1:])
-        compare(Path(args.spec), Path(args.out), args.jobs, args.overrides, command)
+        compare(Path(args.spec), Path(args.out), args.jobs, args.overrides, command, args.force)
         return 0
     if args.command == "plan":
         from rich.console import Console

@@ -2,15 +2,13 @@
 
 A spec file (configs/compare/*.yaml) names a base config, seeds, shared overrides and, per
 method, its overrides. Every run is an ordinary `fedmoe run` in OUT/<method>-seed<S>/; runs that
-finished are reused and unfinished ones resumed, so an interrupted comparison continues.
+finished with the same resolved config are reused and unfinished ones resumed, so an interrupted
+comparison continues (compare_runs.py: reuse, --force, signals).
 """
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +18,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
+from pipeline.eval.compare_runs import launch, plan_jobs
 from pipeline.eval.metrics import read_metrics
 from pipeline.eval.report import load_summary, relative_load
 from pipeline.eval.stats import mean_interval, paired_interval
@@ -54,61 +52,50 @@ def read_spec(path: Path) -> Spec:
     methods = raw.get("methods")
     if not isinstance(methods, dict) or not methods:
         raise UserError(f"{path}: methods: a mapping of method name -> list of overrides is required")
+    for name, overrides in methods.items():
+        _check_name(path, str(name))
+        _check_strings(path, f"methods.{name}", overrides or [])
+    seeds = raw.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds or len(set(map(repr, seeds))) != len(seeds)
+            or not all(type(s) is int and s >= 0 for s in seeds)):  # type: bool is an int too
+        raise UserError(f"{path}: seeds: a list of distinct integers >= 0 is required, got {seeds!r}")
+    _check_strings(path, "overrides", raw.get("overrides", []))
+    reference = raw.get("reference")
+    if reference is not None and str(reference) not in map(str, methods):
+        raise UserError(f"{path}: reference: {reference!r} is not one of the methods ({', '.join(map(str, methods))})")
     base = Path(raw.get("base", "configs/default.yaml"))
     if not base.is_absolute() and not base.exists():
         base = path.parent / base
-    spec = Spec(base, [int(s) for s in raw.get("seeds", [0])], list(raw.get("overrides", [])),
-                {str(k): list(v or []) for k, v in methods.items()}, raw.get("reference"))
-    if spec.reference is not None and spec.reference not in spec.methods:
-        raise UserError(f"{path}: reference: {spec.reference!r} is not one of the methods ({', '.join(spec.methods)})")
+    spec = Spec(base, seeds, list(raw.get("overrides", [])),
+                {str(k): list(v or []) for k, v in methods.items()}, reference)
     for name, overrides in spec.methods.items():  # fail now, not in run 17 of 30
         load_config(spec.base, [*spec.overrides, *overrides, "seed=0"])
     return spec
 
 
-def _finished(run: Path) -> bool:
-    return (run / "final" / "adapter.safetensors").is_file() and (run / "report.md").is_file()
+# A method name is part of its runs' directory names (OUT/<method>-seed<S>): no separators,
+# no leading dot, so that no name can reach outside --out or hide its runs.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
-def run_all(spec: Spec, out: Path, jobs: int, extra: list[str]) -> dict[tuple[str, int], Path]:
-    """Launch every (method, seed) run, `jobs` at a time, each on cores / jobs threads."""
+def _check_name(path: Path, name: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise UserError(f"{path}: methods: {name!r}: a method name may hold letters, digits and . _ + - "
+                        "(not first), as it names the run directories")
+
+
+def _check_strings(path: Path, field: str, value) -> None:
+    if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+        raise UserError(f"{path}: {field}: a list of KEY=VALUE strings is required, got {value!r}")
+
+
+def run_all(spec: Spec, out: Path, jobs: int, extra: list[str], force: bool = False,
+            command: str = "fedmoe compare") -> dict[tuple[str, int], Path]:
+    """Reuse, resume or start every (method, seed) run, `jobs` at a time (compare_runs.py)."""
+    planned = plan_jobs(spec, out, extra, force)  # refuses before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    runs = {(m, s): out / f"{m}-seed{s}" for m in spec.methods for s in spec.seeds}
-    todo = [key for key, run in runs.items() if not _finished(run)]
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
-    log_dir = out / "logs"
-    log_dir.mkdir(exist_ok=True)
-    running: dict[tuple[str, int], subprocess.Popen] = {}
-    failed = []
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console) as progress:
-        task = progress.add_task("runs", total=len(runs), completed=len(runs) - len(todo))
-        while todo or running:
-            while todo and len(running) < jobs:
-                method, seed = key = todo.pop(0)
-                run = runs[key]
-                if (run / "config.yaml").is_file():
-                    cmd = ["resume", str(run)]
-                else:
-                    sets = [*spec.overrides, *spec.methods[method], *extra, f"seed={seed}", "logging.progress=false"]
-                    cmd = ["run", "--config", str(spec.base), "--out", str(run), "--overwrite"]
-                    for item in sets:
-                        cmd += ["--set", item]
-                log = open(log_dir / f"{method}-seed{seed}.log", "w")
-                running[key] = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *cmd], env=env,
-                                                stdout=log, stderr=subprocess.STDOUT)
-            time.sleep(0.5)
-            for key, proc in list(running.items()):
-                if proc.poll() is not None:
-                    del running[key]
-                    progress.advance(task)
-                    if proc.returncode != 0:
-                        failed.append(key)
-    if failed:
-        names = ", ".join(f"{m}-seed{s}" for m, s in failed)
-        raise UserError(f"compare: runs failed: {names} (logs in {log_dir})")
-    return runs
+    launch(planned, out, jobs, command)
+    return {(job.method, job.seed): job.run for job in planned}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,9 +276,9 @@ def plot_all(spec: Spec, result: dict, runs: dict, out: Path) -> None:
     _save(fig, plots / "flops_per_tier.png")
 
 
-def compare(spec_path: Path, out: Path, jobs: int, extra: list[str], command: str) -> Path:
+def compare(spec_path: Path, out: Path, jobs: int, extra: list[str], command: str, force: bool = False) -> Path:
     spec = read_spec(spec_path)
-    runs = run_all(spec, out, jobs, extra)
+    runs = run_all(spec, out, jobs, extra, force, command)
     result = summarise(spec, runs)
     (out / "summary.json").write_text(json.dumps(result, indent=1))
     plot_all(spec, result, runs, out)

@@ -17,6 +17,7 @@ from pipeline.config import EVAL_MODES, Config, EvalConfig, Tier
 from pipeline.errors import UserError
 from pipeline.eval.metrics import eval_tables
 from pipeline.eval.scoring import evaluate_examples
+from pipeline.federation import restore
 from pipeline.federation.inputs import FederatedData, resolve_source
 from pipeline.model import load_adapter_state, set_base_delta, set_lora_rank, set_top_k
 
@@ -57,7 +58,7 @@ def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: Federated
 
 def evaluate_run(run_dir: Path, checkpoint_path: Path | None = None, top_ks: list[int] | None = None,
                  mode: str | None = None) -> list[dict]:
-    """`fedmoe eval`: the latest checkpoint (the final state once a run finished), every tier at
+    """`fedmoe eval`: the latest intact checkpoint (the final state once a run finished), every tier at
     its own top-k or at each of `top_ks`, in `mode` (default: the run's eval.mode)."""
     from pipeline.federation.runner import _run_config, setup  # runner imports this module
 
@@ -67,11 +68,15 @@ def evaluate_run(run_dir: Path, checkpoint_path: Path | None = None, top_ks: lis
         raise UserError(f"--mode: must be choice or generate, got {mode!r}")
     if top_ks:  # checked against the model's config before the weights and data load
         check_top_ks(top_ks, model_num_experts(cfg))
+    if checkpoint_path is not None:
+        source = restore.given(Path(checkpoint_path))
+    else:  # the latest intact checkpoint: a damaged one is named and passed over
+        source = restore.choose(run_dir, True, "nothing to evaluate")
+        if source is None:
+            raise UserError(f"{run_dir}: no checkpoint to evaluate")
     model, tokenizer, tiers, strategy, data = setup(cfg)
-    source = checkpoint_path or checkpoint.latest_checkpoint(run_dir)
-    if source is None or not Path(source).is_dir():
-        raise UserError(f"{run_dir}: no checkpoint to evaluate")
-    tensors, meta = checkpoint.load_checkpoint(Path(source))
+    restore.check_fits(source, cfg, strategy, run_dir / "config.yaml")
+    tensors, meta = checkpoint.load_checkpoint(source)
     strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
 
     def load(adapters):

@@ -21,10 +21,10 @@ from pipeline.algorithms import STRATEGIES, ClientUpdate, ModelInfo, Strategy, b
 from pipeline.config import Config, Tier, dump_config, load_config, resolve_tiers
 from pipeline.engine.client import ClientEngine
 from pipeline.engine.determinism import use_deterministic_kernels
-from pipeline.errors import UserError
+from pipeline.errors import RetryableError, UserError
 from pipeline.eval.metrics import MetricsLogger, round_table
 from pipeline.eval.report import balance_stats, write_report
-from pipeline.federation import signals
+from pipeline.federation import restore, signals
 from pipeline.federation.collectives import PackedSums
 from pipeline.federation.distributed import GroupMetrics, reduce_round
 from pipeline.federation.expert_shards import ExpertShards, is_expert_key
@@ -41,7 +41,7 @@ from pipeline.model.routing import enable_routing_modulation, set_record_routing
 console = Console()
 
 
-class RoundFailed(RuntimeError):
+class RoundFailed(RetryableError):
     """Too few clients reported; the run stays resumable from its last checkpoint."""
 
 
@@ -461,14 +461,16 @@ def resume_run(run_dir: Path) -> Path:
     signals.install()
     run_dir = Path(run_dir)
     cfg = _run_config(run_dir)
-    latest = checkpoint.latest_checkpoint(run_dir)
+    latest = restore.choose(run_dir, current_topology(cfg).writes,
+                            f"start the run again with `fedmoe run --config {run_dir}/config.yaml "
+                            f"--out {run_dir} --overwrite`")
     if latest is None:  # killed before the base checkpoint: start over in place
         return execute(cfg, run_dir, start_round=0, resume_offset=0, state=None)
-    meta = checkpoint.load_meta(latest)
-    if meta.get("algorithm") != cfg.algorithm.name:
-        raise UserError(f"{latest}: checkpoint of {meta.get('algorithm')!r}, config says {cfg.algorithm.name!r}")
-    done = meta["round"]
+    done = checkpoint.load_meta(latest)["round"]
     if done >= cfg.federation.rounds and (run_dir / "final" / "adapter.safetensors").is_file():
         console.print(f"{run_dir}: already finished ({done} rounds)")
         return run_dir / "final"
-    return execute(cfg, run_dir, start_round=done + 1, resume_offset=meta["metrics_offset"], state=latest)
+    parts = setup(cfg)
+    meta = restore.check_fits(latest, cfg, parts[3], run_dir / "config.yaml")  # permanent: exit 2
+    return execute(cfg, run_dir, start_round=done + 1, resume_offset=meta["metrics_offset"], state=latest,
+                   parts=parts)
