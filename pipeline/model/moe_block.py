@@ -129,6 +129,13 @@ class _ExpertLoRALinear(torch.autograd.Function):
         return dxs, dweight, da, db_t.transpose(-2, -1), None, None, None
 
 
+def gather_rows(x: Tensor, index: Tensor) -> Tensor:
+    """x[index] along dim 0. Not `x[index]`: on CPU the backward of tensor indexing is an
+    index_put_ whose multi-threaded float accumulation order varies from run to run, while
+    index_select's backward (index_add_) adds rows in index order: the same bits every run."""
+    return x.index_select(0, index)
+
+
 def _use_cpu_loop(x: Tensor) -> bool:
     return x.device.type == "cpu"
 
@@ -303,11 +310,8 @@ class HeteroMoEBlock(nn.Module):
         if self.record_counts and not _in_backward():
             self.token_counts += counts
         token = order // k
-        # index_select, not x[token]: on CPU the backward of tensor indexing is an index_put_
-        # whose multi-threaded float accumulation order varies from run to run; index_select's
-        # backward (index_add_) adds rows in index order, so gradients are the same bits.
-        xs = x.index_select(0, token)
-        w = weights.reshape(-1).index_select(0, order)
+        xs = gather_rows(x, token)
+        w = gather_rows(weights.reshape(-1), order)
         if self.ep_size > 1:
             y = self._dispatch_ep(xs, w, counts)
             return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
@@ -340,13 +344,13 @@ class HeteroMoEBlock(nn.Module):
         local_expert = torch.repeat_interleave(torch.arange(L, device=rows.device).repeat(P),
                                                recv.reshape(-1))
         perm = torch.argsort(local_expert, stable=True)
-        rows = rows.index_select(0, perm)
+        rows = gather_rows(rows, perm)
         offsets = torch.cumsum(recv.sum(0), 0, dtype=torch.int32)
         xr, wr = rows[:, :-1], rows[:, -1:]
         gate, up = self._project(xr, "gate_up", offsets).chunk(2, dim=-1)
         h = self.experts.act_fn(gate) * up * wr.to(up.dtype)
         y = self._project(h, "down", offsets)
-        y = y.index_select(0, torch.argsort(perm))  # back to source order
+        y = gather_rows(y, torch.argsort(perm))  # back to source order
         return all_to_all(y, recv_sizes, send_sizes, group)
 
     def extra_repr(self) -> str:
