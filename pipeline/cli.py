@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -31,6 +32,23 @@ def _quiet_libraries() -> None:
     ds_logger.setLevel(logging.WARNING)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                   errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+def writable_file(path: str, flag: str) -> Path:
+    """A file this process can create or replace, checked before the work that produces it."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{flag} {path}: is a directory")
+    parent = target.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UserError(f"{flag} {path}: not writable (read-only or no permission)")
+    return target
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"fedmoe: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRORS:
+            raise
+        # A full disk, a read-only directory, no permission: the user's to fix, so one line. A run
+        # stays resumable from its last complete checkpoint.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"fedmoe: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("fedmoe: interrupted; `fedmoe resume RUN_DIR` continues from the last checkpoint",
               file=sys.stderr)
@@ -114,12 +140,13 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
             return 1
         return 0
     if args.command == "eval":
+        json_out = writable_file(args.json, "--json") if args.json else None  # before the evaluation
         _quiet_libraries()
         from pipeline.federation.runner import evaluate_run
 
         rows = evaluate_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None)
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+        if json_out:
+            json_out.write_text(json.dumps(rows, indent=1))
         return 0
     if args.command == "compare":
         from pipeline.eval.compare import compare

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .tasks import Example
 
-__all__ = ["load_commonsense", "record_to_example", "label_family"]
+__all__ = ["load_commonsense", "record_to_example", "label_family", "looks_like_file"]
 
 PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
@@ -109,7 +109,7 @@ def record_to_example(record: dict, where: str) -> Example:
     return Example(prompt, options, options.index(answer), label_family(answer, len(options)))
 
 
-def _looks_like_file(spec: str) -> bool:
+def looks_like_file(spec: str) -> bool:
     return spec.endswith((".json", ".jsonl")) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
 
 
@@ -168,7 +168,7 @@ def load_commonsense(path_or_hub_id: str | Path, split: str = "train") -> list[E
             records, source = datasets.load_dataset(str(path), split=split).to_list(), str(path)
         else:
             records, source = _load_local(path, split), str(path)
-    elif isinstance(path_or_hub_id, Path) or _looks_like_file(spec):
+    elif isinstance(path_or_hub_id, Path) or looks_like_file(spec):
         raise FileNotFoundError(f"commonsense data file not found: {path}")
     else:
         import datasets
