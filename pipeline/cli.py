@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -96,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "run" and args.out:  # before the slow imports
+            from pipeline.federation.rundir import check_out
+
+            check_out(Path(args.out))
         return _dispatch(args, argv)
     except UserError as exc:
         print(f"fedmoe: error: {exc}", file=sys.stderr)
@@ -103,15 +108,29 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in _STORAGE_ERRORS:
             raise
-        # A full disk, a read-only directory, no permission: the user's to fix, so one line. A run
-        # stays resumable from its last complete checkpoint.
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"fedmoe: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return _storage_error(args, exc.filename, exc.strerror or str(exc))
+    except Exception as exc:
+        # safetensors reports a failed write (a full disk) as its own error, errno in the text
+        io = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", str(exc))
+        if type(exc).__name__ != "SafetensorError" or io is None:
+            raise
+        return _storage_error(args, None, io.group(1))
     except KeyboardInterrupt:
         print("fedmoe: interrupted; `fedmoe resume RUN_DIR` continues from the last checkpoint",
               file=sys.stderr)
         return 130
+
+
+def _storage_error(args: argparse.Namespace, filename, reason: str) -> int:
+    """A full disk, a read-only directory, no permission: the user's to fix, so one line. A run
+    stays resumable from its last complete checkpoint."""
+    run = getattr(args, "out", None) or getattr(args, "run_dir", None)
+    where = filename or run
+    hint = ""
+    if args.command in ("run", "resume") and run and (Path(run) / "checkpoints" / "latest").is_file():
+        hint = f"; once fixed, `fedmoe resume {run}` continues from its last checkpoint"
+    print(f"fedmoe: error: {f'{where}: ' if where else ''}{reason}{hint}", file=sys.stderr)
+    return 2
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -146,7 +165,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
 
         rows = evaluate_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None)
         if json_out:
-            json_out.write_text(json.dumps(rows, indent=1))
+            try:
+                json_out.write_text(json.dumps(rows, indent=1))
+            except OSError as exc:
+                raise UserError(f"--json {json_out}: {exc.strerror or exc}") from None
         return 0
     if args.command == "compare":
         from pipeline.eval.compare import compare

@@ -129,6 +129,29 @@ def _load_local(path: Path, split: str) -> list[dict]:
     return ds.to_list()
 
 
+def _load_dataset(spec: str, split: str) -> list[dict]:
+    """A dataset directory or hub id. OSError (not found, unreachable) passes; anything else
+    `datasets` raises about the files becomes a ValueError naming them."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(spec, split=split).to_list()
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - DatasetGenerationError, ValueError, KeyError, ...
+        cause = err.__cause__ or err
+        raise ValueError(f"{spec}: cannot be read as a dataset ({type(cause).__name__}: "
+                         f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''})") from err
+
+
+def _quiet_datasets() -> None:
+    """Our errors name the file and record; `datasets`' own log lines and bars would come first."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+
+
 def _locate_bad_record(path: Path) -> None:
     """After `datasets` refused or mangled a file, find the bad record with plain `json`."""
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -161,19 +184,16 @@ def load_commonsense(path_or_hub_id: str | Path, split: str = "train") -> list[E
     """
     spec = str(path_or_hub_id)
     path = Path(spec).expanduser()
+    _quiet_datasets()
     if path.exists():
         if path.is_dir():
-            import datasets
-
-            records, source = datasets.load_dataset(str(path), split=split).to_list(), str(path)
+            records, source = _load_dataset(str(path), split), str(path)
         else:
             records, source = _load_local(path, split), str(path)
     elif isinstance(path_or_hub_id, Path) or looks_like_file(spec):
         raise FileNotFoundError(f"commonsense data file not found: {path}")
     else:
-        import datasets
-
-        records, source = datasets.load_dataset(spec, split=split).to_list(), spec
+        records, source = _load_dataset(spec, split), spec
     if not records:
         raise ValueError(f"{source}: no records")
     return [record_to_example(rec, f"{source}, record {i}") for i, rec in enumerate(records)]

@@ -85,8 +85,8 @@ def check_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: 
     try:
         Parsed(deepspeed_config(train, ds, world_size))
     except Exception as exc:  # noqa: BLE001 - DeepSpeed raises Assertion/Type/Validation errors
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"deepspeed.config: {ds.config}: DeepSpeed refuses it: {first}") from None
+        lines = [x.strip() for x in str(exc).strip().splitlines()[:3]] or [type(exc).__name__]
+        raise ConfigError(f"deepspeed.config: {ds.config}: DeepSpeed refuses it: {'; '.join(lines)}") from None
 
 
 def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
