@@ -466,6 +466,7 @@ def start_run(cfg: Config, out: Path, overwrite: bool) -> Path:
         on_writer(topology, start.check)  # a second writer is refused before anything loads
         parts = setup(cfg)  # every input is loaded and checked before anything is written
         check_deepspeed_config(cfg.train, cfg.deepspeed, topology.group.size)
+        topology.barrier()  # under MPI every rank has checked its inputs before rank 0 claims `out`
         on_writer(topology, start.claim)
         if topology.writes:
             dump_config(cfg, start.out / "config.yaml")
