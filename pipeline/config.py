@@ -139,6 +139,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
+    except (UnicodeDecodeError, OSError) as exc:  # binary, unreadable
+        reason = exc.strerror if isinstance(exc, OSError) else exc.reason
+        raise ConfigError(f"{path}: cannot be read as YAML text ({reason})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

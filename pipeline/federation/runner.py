@@ -72,7 +72,7 @@ class Federation:
 
 def setup(cfg: Config):
     """Model, tokenizer, tiers, strategy (with its initial state) and data: all a run reads."""
-    build_strategy(cfg.algorithm.name, cfg.algorithm.options, None, [])  # name, option types and ranges: before the model loads
+    build_strategy(cfg.algorithm.name, cfg.algorithm.options, None, [])  # name, options: before the model loads
     model, tokenizer = load_patched_model(cfg.model)
     torch.manual_seed(cfg.seed)  # nothing should draw from it; pinned anyway
     mcfg = model.config

@@ -109,6 +109,11 @@ def test_out_that_cannot_be_written(capsys, tmp_path, where, needle):
     _fails(capsys, ["run", "--config", TINY, "--out", tmp_path / where], needle)
 
 
+def test_binary_config(capsys, tmp_path):
+    (tmp_path / "binary.yaml").write_bytes(b"seed: 1\n\xff\xfe: 2\n")
+    _fails(capsys, ["run", "--config", tmp_path / "binary.yaml"], "binary.yaml: cannot be read as YAML text")
+
+
 def test_eval_json_into_a_missing_directory_fails_before_evaluating(capsys, tmp_path):
     _fails(capsys, ["eval", tmp_path / "no-run", "--json", tmp_path / "missing" / "eval.json"],
            f"--json {tmp_path / 'missing' / 'eval.json'}: directory")
