@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -31,6 +33,23 @@ def _quiet_libraries() -> None:
     ds_logger.setLevel(logging.WARNING)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+_STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG,
+                   errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG}
+
+
+def writable_file(path: str, flag: str) -> Path:
+    """A file this process can create or replace, checked before the work that produces it."""
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{flag} {path}: is a directory")
+    parent = target.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UserError(f"{flag} {path}: not writable (read-only or no permission)")
+    return target
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +114,10 @@ def _top_ks(values: list[str]) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "run" and args.out:  # before the slow imports
+            from pipeline.federation.rundir import check_out
+
+            check_out(Path(args.out))
         return _dispatch(args, argv)
     except UserError as exc:
         print(f"fedmoe: error: {exc}", file=sys.stderr)
@@ -105,10 +128,32 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:  # the message says how to continue
         print(f"fedmoe: {exc}", file=sys.stderr)
         return exc.code
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRORS:
+            raise
+        return _storage_error(args, exc.filename, exc.strerror or str(exc))
+    except Exception as exc:
+        # safetensors reports a failed write (a full disk) as its own error, errno in the text
+        io = re.search(r"I/O error: (.*?)(?: \(os error \d+\))?$", str(exc))
+        if type(exc).__name__ != "SafetensorError" or io is None:
+            raise
+        return _storage_error(args, None, io.group(1))
     except KeyboardInterrupt:
         print("fedmoe: interrupted; `fedmoe resume RUN_DIR` continues from the last checkpoint",
               file=sys.stderr)
         return 130
+
+
+def _storage_error(args: argparse.Namespace, filename, reason: str) -> int:
+    """A full disk, a read-only directory, no permission: the user's to fix, so one line. A run
+    stays resumable from its last complete checkpoint."""
+    run = getattr(args, "out", None) or getattr(args, "run_dir", None)
+    where = filename or run
+    hint = ""
+    if args.command in ("run", "resume") and run and (Path(run) / "checkpoints" / "latest").is_file():
+        hint = f"; once fixed, `fedmoe resume {run}` continues from its last checkpoint"
+    print(f"fedmoe: error: {f'{where}: ' if where else ''}{reason}{hint}", file=sys.stderr)
+    return 2
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
@@ -140,13 +185,17 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         if args.mode is not None and args.mode not in EVAL_MODES:  # before any import or load
             raise UserError(f"--mode: must be choice or generate, got {args.mode!r}")
         _top_ks(args.top_ks)
+        json_out = writable_file(args.json, "--json") if args.json else None  # before the evaluation
         _quiet_libraries()
         from pipeline.federation.evaluation import evaluate_run
 
         rows = evaluate_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None,
                             top_ks=_top_ks(args.top_ks), mode=args.mode)
-        if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+        if json_out:
+            try:
+                json_out.write_text(json.dumps(rows, indent=1))
+            except OSError as exc:
+                raise UserError(f"--json {json_out}: {exc.strerror or exc}") from None
         return 0
     if args.command == "compare":
         from pipeline.eval.compare import compare

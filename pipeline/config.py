@@ -6,6 +6,7 @@ out of range raise `ConfigError` naming the dotted field (`tiers.0.top_k`, `trai
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -74,6 +75,9 @@ class TrainConfig:
     max_length: int = 64
     precision: str = "fp32"  # fp32 | bf16
     deterministic: bool | None = None  # deterministic kernels; None: on for CPU, off on CUDA
+    on_divergence: str = "warn"  # warn | stop: what the divergence guard does (pipeline/eval/divergence.py)
+    divergence_factor: float = 1.5  # a tier diverges when its eval loss exceeds the base model's by this factor
+    divergence_evals: int = 2  # ... (or its accuracy falls below chance) for this many evaluations in a row
 
 
 @dataclass
@@ -139,6 +143,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text())
+    except (UnicodeDecodeError, OSError) as exc:  # binary, unreadable
+        reason = exc.strerror if isinstance(exc, OSError) else exc.reason
+        raise ConfigError(f"{path}: cannot be read as YAML text ({reason})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
@@ -314,6 +321,10 @@ def validate(cfg: Config) -> None:
     _check(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)")
     _check(tr.max_length >= 8, "train.max_length", f"must be >= 8, got {tr.max_length}")
     _check(tr.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {tr.precision!r}")
+    _check(tr.on_divergence in ("warn", "stop"), "train.on_divergence",
+           f"must be warn or stop, got {tr.on_divergence!r}")
+    _check(tr.divergence_factor > 1, "train.divergence_factor", f"must be > 1, got {tr.divergence_factor}")
+    _check(tr.divergence_evals >= 1, "train.divergence_evals", f"must be >= 1, got {tr.divergence_evals}")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage",
            f"must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     if cfg.deepspeed.zero_stage == 3:
@@ -322,7 +333,7 @@ def validate(cfg: Config) -> None:
                "must be 1 with deepspeed.zero_stage=3: expert parallelism uses DeepSpeed's MoE groups, "
                "which DeepSpeed refuses at ZeRO stage 3")
     if cfg.deepspeed.config is not None:
-        _check(Path(cfg.deepspeed.config).is_file(), "deepspeed.config", f"file not found: {cfg.deepspeed.config}")
+        _check_deepspeed_json(cfg.deepspeed.config)
     data = cfg.data
     _check(data.source in ("offline", "commonsense"), "data.source", f"must be offline or commonsense, got {data.source!r}")
     if data.source == "commonsense":
@@ -336,6 +347,18 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {cfg.eval.max_new_tokens}")
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+def _check_deepspeed_json(path: str) -> None:
+    """Readable, JSON, an object: the engine reads it only after the run directory exists."""
+    _check(Path(path).is_file(), "deepspeed.config", f"file not found: {path}")
+    try:
+        value = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"deepspeed.config: cannot read {path}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"deepspeed.config: {path}: not valid JSON ({exc})") from None
+    _check(isinstance(value, dict), "deepspeed.config", f"{path}: must hold a JSON object, got {type(value).__name__}")
 
 
 @dataclass(frozen=True)

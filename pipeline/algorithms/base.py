@@ -15,6 +15,7 @@ from torch import Tensor
 
 from pipeline.config import Tier
 from pipeline.errors import ConfigError
+from pipeline.algorithms.options import Option, check_options
 from pipeline.model.adapters import is_expert_adapter
 
 
@@ -64,18 +65,14 @@ class Strategy:
     """Base class; subclasses implement `contribution` and `finalize` at least."""
 
     name = "base"
-    option_defaults: dict[str, Any] = {}
+    option_spec: dict[str, Option] = {}  # algorithm.options: types, ranges, defaults (options.py)
     # True when contribution and finalize treat every expert's rows of the expert-LoRA tensors
     # on their own: under expert parallelism a rank then holds, aggregates and checkpoints only
     # its experts' rows (`shard_experts`). False: whole tensors are gathered for the method.
     expert_sharded = False
 
     def __init__(self, options: dict, model: ModelInfo, tiers: list[Tier]):
-        unknown = sorted(set(options) - set(self.option_defaults))
-        if unknown:
-            raise ConfigError(f"algorithm.options.{unknown[0]}: unknown option for {self.name} "
-                              f"(allowed: {', '.join(sorted(self.option_defaults)) or 'none'})")
-        self.options = {**self.option_defaults, **options}
+        self.options = check_options(self.name, options, self.option_spec)
         self.model = model
         self.tiers = tiers
         self.global_adapters: dict[str, Tensor] = {}

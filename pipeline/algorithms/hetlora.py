@@ -15,13 +15,15 @@ import torch
 
 from pipeline.algorithms.base import ClientPlan, ClientUpdate, register, weighted_average
 from pipeline.algorithms.hetero_rank import HeteroRankStrategy, zero_padded_sum
+from pipeline.algorithms.options import Option
 from pipeline.config import Tier
 
 
 @register
 class HetLoRA(HeteroRankStrategy):
     name = "hetlora"
-    option_defaults = {"gamma": 0.75, "lam": 1e-3, "prune": True}  # [choice] all three
+    option_spec = {"gamma": Option(0.75, float, 0.0, 1.0, open_low=True),  # [choice] all three defaults
+                   "lam": Option(1e-3, float, low=0.0), "prune": Option(True, bool)}
 
     def init_state(self, initial_adapters):
         super().init_state(initial_adapters)

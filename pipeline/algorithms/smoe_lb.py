@@ -12,13 +12,14 @@ import torch
 
 from pipeline.algorithms import routing_math as rm
 from pipeline.algorithms.base import ClientPlan, ClientUpdate, register
+from pipeline.algorithms.options import Option
 from pipeline.algorithms.smoe import NaiveSMoE
 
 
 @register
 class SMoELoadBalanced(NaiveSMoE):
     name = "smoe-lb"
-    option_defaults = {"rate": 1e-3}
+    option_spec = {"rate": Option(1e-3, float, low=0.0)}  # 0: no balancing
 
     def init_state(self, initial_adapters):
         super().init_state(initial_adapters)

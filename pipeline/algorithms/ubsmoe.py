@@ -22,6 +22,7 @@ from torch import Tensor
 from pipeline.algorithms import routing_math as rm
 from pipeline.algorithms.base import (ClientPlan, ClientUpdate, Strategy, register,
                                       weighted_average, weighted_sum_contribution)
+from pipeline.algorithms.options import Option
 from pipeline.errors import ConfigError
 from pipeline.model.adapters import is_expert_adapter, moe_blocks
 from pipeline.model.moe_block import EXPERT_LORA_NAMES
@@ -44,24 +45,25 @@ def is_phi(name: str) -> bool:
 class UBSMoE(Strategy):
     name = "ubsmoe"
     expert_sharded = True  # adapters per key (fedavg) or per expert (expert-wise); the rest is [L, E]
-    option_defaults = {
-        "dmr": True, "pg": True, "reg": True,
-        "rho": "sparsity", "aggregation": "fedavg", "pg_scope": "inactive",
-        "n_candidates": None, "phi_min": -1.0, "phi_max": 1.0, "lam": 1e-2, "zeta": 0.9, "eps": 1e-6,
+    option_spec = {
+        "dmr": Option(True, bool), "pg": Option(True, bool), "reg": Option(True, bool),
+        "rho": Option("sparsity", ("sparsity", "inverse")),
+        "aggregation": Option("fedavg", ("fedavg", "expert-wise")),
+        "pg_scope": Option("inactive", ("inactive", "all")),
+        "n_candidates": Option(None, int, low=1, nullable=True),  # None: 2 K_max
+        "phi_min": Option(-1.0, float), "phi_max": Option(1.0, float),
+        "lam": Option(1e-2, float, low=0.0), "zeta": Option(0.9, float, 0.0, 1.0),
+        "eps": Option(1e-6, float, low=0.0, open_low=True),
     }
 
     def __init__(self, options, model, tiers):
         super().__init__(options, model, tiers)
         o = self.options
-        for key, allowed in (("rho", ("sparsity", "inverse")), ("aggregation", ("fedavg", "expert-wise")),
-                             ("pg_scope", ("inactive", "all"))):
-            if o[key] not in allowed:
-                raise ConfigError(f"algorithm.options.{key}: must be one of {', '.join(allowed)}, got {o[key]!r}")
-        for key in ("dmr", "pg", "reg"):
-            if not isinstance(o[key], bool):
-                raise ConfigError(f"algorithm.options.{key}: expected true or false, got {o[key]!r}")
+        if not o["phi_min"] < o["phi_max"]:
+            raise ConfigError(f"algorithm.options.phi_min: must be below phi_max={o['phi_max']}, "
+                              f"got {o['phi_min']}")
         if model is not None:
-            n_p = o["n_candidates"] or 2 * model.k_max
+            n_p = 2 * model.k_max if o["n_candidates"] is None else o["n_candidates"]
             if not model.k_max <= n_p <= model.num_experts:
                 raise ConfigError(f"algorithm.options.n_candidates: must be in [K_max={model.k_max}, "
                                   f"{model.num_experts}], got {n_p}")

@@ -20,7 +20,7 @@ from pathlib import Path
 from .tasks import Example
 
 __all__ = ["load_commonsense", "load_test_tree", "record_to_example", "label_family", "TEST_SETS",
-           "LLM_ADAPTERS_PATTERNS"]
+           "LLM_ADAPTERS_PATTERNS", "looks_like_file"]
 
 PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
@@ -127,7 +127,7 @@ def record_to_example(record: dict, where: str) -> Example:
     return Example(prompt, options, options.index(answer), label_family(answer, len(options)))
 
 
-def _looks_like_file(spec: str) -> bool:
+def looks_like_file(spec: str) -> bool:
     return spec.endswith((".json", ".jsonl")) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
 
 
@@ -145,6 +145,29 @@ def _load_local(path: Path, split: str) -> list[dict]:
         _locate_bad_record(path)
         raise ValueError(f"{path}: fields {', '.join(_FIELDS)} must all be strings")
     return ds.to_list()
+
+
+def _load_dataset(spec: str, split: str) -> list[dict]:
+    """A dataset directory or hub id. OSError (not found, unreachable) passes; anything else
+    `datasets` raises about the files becomes a ValueError naming them."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(spec, split=split).to_list()
+    except OSError:
+        raise
+    except Exception as err:  # noqa: BLE001 - DatasetGenerationError, ValueError, KeyError, ...
+        cause = err.__cause__ or err
+        raise ValueError(f"{spec}: cannot be read as a dataset ({type(cause).__name__}: "
+                         f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''})") from err
+
+
+def _quiet_datasets() -> None:
+    """Our errors name the file and record; `datasets`' own log lines and bars would come first."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
 
 
 def _locate_bad_record(path: Path) -> None:
@@ -212,21 +235,18 @@ def load_commonsense(path_or_hub_id: str | Path, split: str = "train") -> list[E
     """
     spec = str(path_or_hub_id)
     path = Path(spec).expanduser()
+    _quiet_datasets()
     if path.exists():
         if path.is_dir() and _tree_files(path):
             return load_test_tree(path)
         if path.is_dir():
-            import datasets
-
-            records, source = datasets.load_dataset(str(path), split=split).to_list(), str(path)
+            records, source = _load_dataset(str(path), split), str(path)
         else:
             records, source = _load_local(path, split), str(path)
-    elif isinstance(path_or_hub_id, Path) or _looks_like_file(spec):
+    elif isinstance(path_or_hub_id, Path) or looks_like_file(spec):
         raise FileNotFoundError(f"commonsense data file not found: {path}")
     else:
-        import datasets
-
-        records, source = datasets.load_dataset(spec, split=split).to_list(), spec
+        records, source = _load_dataset(spec, split), spec
     if not records:
         raise ValueError(f"{source}: no records")
     return [record_to_example(rec, f"{source}, record {i}") for i, rec in enumerate(records)]

@@ -73,6 +73,22 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: int) -
     return config
 
 
+def check_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: int) -> None:
+    """DeepSpeed's own parse of the merged config, before the run directory is written:
+    otherwise a bad key in `deepspeed.config` surfaces only when the engine starts."""
+    if not ds.config:
+        return  # the generated config alone is known good
+    from deepspeed.runtime.config import DeepSpeedConfig as Parsed
+
+    from pipeline.errors import ConfigError
+
+    try:
+        Parsed(deepspeed_config(train, ds, world_size))
+    except Exception as exc:  # noqa: BLE001 - DeepSpeed raises Assertion/Type/Validation errors
+        lines = [x.strip() for x in str(exc).strip().splitlines()[:3]] or [type(exc).__name__]
+        raise ConfigError(f"deepspeed.config: {ds.config}: DeepSpeed refuses it: {'; '.join(lines)}") from None
+
+
 def _torch_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer under DeepSpeed's wrappers (ZeRO, bf16), whose state we reset."""
     while not isinstance(optimizer, torch.optim.Optimizer):

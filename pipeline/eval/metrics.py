@@ -7,7 +7,9 @@ metrics.jsonl holds one JSON object per event, each with `event` and `time` (uni
     client  round, client, tier, top_k, train_loss, steps, n_samples, seconds
     round   round, seconds, clients, expert_load {tier: [[tokens per expert] per layer]}
     reject  round, client, reason
-    run     status (started | resumed | finished), round
+    run     status (started | resumed | finished | stopped | diverged), round
+    data    train, eval (examples), truncated (records cut before tokenization)
+    divergence  round, tier, reason, evals (in a row), action (warn | stop)
 
 The file is the source of truth; TensorBoard is a view of it. Checkpoints store `offset()`, and a
 resumed run truncates the file back to it, so events of rounds that are redone appear once.

@@ -25,6 +25,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from pipeline.eval.divergence import report_lines
 from pipeline.eval.metrics import read_metrics
 
 __all__ = ["write_report", "load_summary", "balance_stats", "LOW_LOAD"]
@@ -45,6 +46,7 @@ class RunData:
     round_seconds: dict[int, float] = field(default_factory=dict)
     rejects: list[dict] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)  # `run` events: started / resumed / finished
+    warnings: list[dict] = field(default_factory=list)  # `divergence` and `data` events
     times: list[float] = field(default_factory=list)
     chance: float | None = None
 
@@ -91,6 +93,8 @@ def collect(run_dir: Path) -> RunData:
             data.rejects.append(event)
         elif kind == "run":
             data.runs.append(event)
+        elif kind in ("divergence", "data"):
+            data.warnings.append(event)
     return data
 
 
@@ -208,6 +212,7 @@ def _summarise(data: RunData, run_dir: Path) -> dict:
                  "wall_seconds": max(data.times) - min(data.times) if data.times else 0.0,
                  "resumes": statuses.count("resumed")},
         "rejected": [{k: e.get(k) for k in ("round", "client", "reason")} for e in data.rejects],
+        "warnings": report_lines(data.warnings),
     }
 
 
@@ -413,6 +418,7 @@ def _run_section(summary: dict) -> list[str]:
 
 def render_markdown(summary: dict) -> str:
     lines = [f"# fedmoe report: {summary['algorithm'] or 'unknown algorithm'}", ""]
+    lines += summary.get("warnings", [])
     lines += _accuracy_section(summary) + _family_section(summary) + _balance_section(summary)
     lines += _run_section(summary)
     lines += ["## Plots", "",

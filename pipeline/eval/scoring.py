@@ -16,7 +16,9 @@ import torch
 from ..data.batching import encode_choice, pad_sequences
 from ..data.tasks import Example
 
-__all__ = ["evaluate_choices", "evaluate_examples", "option_scores"]
+__all__ = ["evaluate_choices", "evaluate_examples", "option_scores", "MAX_LENGTH"]
+
+MAX_LENGTH = 512  # tokens of prompt and option an evaluation keeps (the runner uses the default)
 
 
 @dataclass
@@ -52,7 +54,7 @@ def _model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def option_scores(model, tokenizer, examples: Sequence[Example], batch_size: int = 64, max_length: int = 512) -> list[list[float]]:
+def option_scores(model, tokenizer, examples: Sequence[Example], batch_size: int = 64, max_length: int = MAX_LENGTH) -> list[list[float]]:
     """Summed log-probability of every option of every example: scores[i][j] for option j."""
     scores = [[0.0] * len(ex.options) for ex in examples]
     queries = _queries(examples, tokenizer, max_length)
@@ -80,7 +82,7 @@ def option_scores(model, tokenizer, examples: Sequence[Example], batch_size: int
     return scores
 
 
-def evaluate_choices(model, tokenizer, examples: Sequence[Example], batch_size: int = 64, max_length: int = 512) -> dict:
+def evaluate_choices(model, tokenizer, examples: Sequence[Example], batch_size: int = 64, max_length: int = MAX_LENGTH) -> dict:
     """Accuracy, gold-option loss and per-family accuracy of `model` on `examples`.
 
     `loss` is the gold option's negative log-likelihood averaged over its tokens (for the

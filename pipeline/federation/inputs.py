@@ -6,11 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
+from pipeline import hub
 from pipeline.config import Config, ModelConfig
 from pipeline.data import (Example, build_benchmark, collate, dirichlet_partition, load_commonsense,
                            load_tokenizer)
+from pipeline.data.commonsense import looks_like_file
+from pipeline.data.truncate import truncate_examples
 from pipeline.errors import UserError
+from pipeline.eval.scoring import MAX_LENGTH as EVAL_MAX_LENGTH
 from pipeline.federation.sampling import derive_seed
 from pipeline.model import load_model, patch_olmoe
 
@@ -25,21 +30,34 @@ def resolve_source(source: str) -> str:
             return str(candidate)
     if Path(source).is_absolute() or source.startswith((".", "/")) or source.count("/") > 1:
         raise UserError(f"model.source: no such directory: {source}")
+    hub.online()  # offline: only the cache is searched, at once
     return source  # a hub id such as allenai/OLMoE-1B-7B-0924
+
+
+# What a damaged or incomplete model directory raises inside from_pretrained: a truncated
+# safetensors file (SafetensorError), malformed JSON (ValueError), missing files (OSError),
+# weights that do not fit the config (RuntimeError).
+_LOAD_ERRORS = (OSError, ValueError, RuntimeError, SafetensorError)
 
 
 def load_patched_model(mcfg: ModelConfig):
     source = resolve_source(mcfg.source)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[mcfg.dtype]
-    try:
-        model = load_model(source, dtype=dtype)
-        tokenizer = load_tokenizer(source)
-    except OSError as exc:
-        raise UserError(f"model.source: cannot load {source!r}: {str(exc).splitlines()[0]}") from None
+    model = _load("model", source, lambda: load_model(source, dtype=dtype))
+    tokenizer = _load("tokenizer", source, lambda: load_tokenizer(source))
     lora = mcfg.lora
     patch_olmoe(model, lora_rank=lora.rank, lora_alpha=lora.alpha, expert_lora=lora.experts,
                 attention_lora=lora.attention)
     return model, tokenizer
+
+
+def _load(what: str, source: str, load):
+    try:
+        return load()
+    except _LOAD_ERRORS as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        note = f" ({hub.offline_note()})" if hub.offline_note() and not Path(source).is_dir() else ""
+        raise UserError(f"model.source: cannot load the {what} of {source!r}: {first}{note}") from None
 
 
 @dataclass
@@ -49,6 +67,7 @@ class FederatedData:
     client_indices: list[list[int]]  # indices into train_examples, one list per client
     tokenizer: object
     max_length: int
+    truncated: int = 0  # records whose prompt was cut before tokenization (data/truncate.py)
 
     @property
     def chance(self) -> float:
@@ -83,13 +102,24 @@ def load_federated_data(cfg: Config, tokenizer) -> FederatedData:
         raise UserError(f"data: {len(train)} training examples for {n_clients} clients")
     parts = dirichlet_partition([e.family for e in train], n_clients, data.dirichlet_alpha,
                                 derive_seed(cfg.seed, PARTITION), min_size=1)
-    return FederatedData(train, evaluation, parts, tokenizer, cfg.train.max_length)
+    train, cut_train = truncate_examples(train, cfg.train.max_length)
+    evaluation, cut_eval = truncate_examples(evaluation, EVAL_MAX_LENGTH)  # what scoring keeps
+    return FederatedData(train, evaluation, parts, tokenizer, cfg.train.max_length, cut_train + cut_eval)
 
 
 def _read_commonsense(path: str, field: str) -> list[Example]:
+    local = Path(path).expanduser().exists() or looks_like_file(path)
+    if not local:
+        hub.online()  # a hub dataset id: offline, only the cache is searched, at once
     try:
         return load_commonsense(path)
-    except FileNotFoundError:
-        raise UserError(f"{field}: file not found: {path}") from None
     except ValueError as exc:
         raise UserError(f"{field}: {exc}") from None
+    except OSError as exc:
+        if not local:  # a hub id neither cached nor fetched
+            note = hub.offline_note() or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(f"{field}: {path!r} is neither a file nor a dataset on the Hugging Face hub "
+                            f"({note})") from None
+        if isinstance(exc, FileNotFoundError):
+            raise UserError(f"{field}: file not found: {path}") from None
+        raise UserError(f"{field}: cannot read {path}: {exc.strerror or exc}") from None

@@ -17,14 +17,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import save_file
 
 from pipeline import checkpoint
-from pipeline.algorithms import STRATEGIES, ClientUpdate, ModelInfo, Strategy, build_strategy
+from pipeline.algorithms import ClientUpdate, ModelInfo, Strategy, build_strategy
 from pipeline.config import Config, Tier, dump_config, load_config, resolve_tiers
-from pipeline.engine.client import ClientEngine
+from pipeline.data.truncate import CHARS_PER_TOKEN
+from pipeline.engine.client import ClientEngine, check_deepspeed_config
 from pipeline.engine.determinism import use_deterministic_kernels
 from pipeline.errors import RetryableError, UserError
+from pipeline.eval.divergence import Guard, halt
 from pipeline.eval.metrics import MetricsLogger, round_table
 from pipeline.eval.report import balance_stats, write_report
-from pipeline.federation import restore, signals
+from pipeline.federation import restore, rundir, signals
 from pipeline.federation.collectives import PackedSums
 from pipeline.federation.distributed import GroupMetrics, reduce_round
 from pipeline.federation.expert_shards import ExpertShards, is_expert_key
@@ -32,6 +34,7 @@ from pipeline.federation.evaluation import evaluate_run, evaluate_tiers  # noqa:
 from pipeline.federation.inputs import FederatedData, load_federated_data, load_patched_model
 from pipeline.federation.sampling import (ADAPTER_INIT, LOCAL_DATA, assign_tiers, derive_seed,
                                           local_batches, sample_clients)
+from pipeline.federation.rundir import on_writer
 from pipeline.federation.topology import Topology, current_topology
 from pipeline.model import (flops_per_token, init_adapter_state, save_merged,
                             set_base_delta, set_lora_rank, set_top_k)
@@ -70,8 +73,7 @@ class Federation:
 
 def setup(cfg: Config):
     """Model, tokenizer, tiers, strategy (with its initial state) and data: all a run reads."""
-    if cfg.algorithm.name not in STRATEGIES:  # fail before the model loads
-        build_strategy(cfg.algorithm.name, {}, None, [])
+    build_strategy(cfg.algorithm.name, cfg.algorithm.options, None, [])  # name, options: before the model loads
     use_deterministic_kernels(cfg.train.deterministic)
     model, tokenizer = load_patched_model(cfg.model)
     torch.manual_seed(cfg.seed)  # nothing should draw from it; pinned anyway
@@ -356,9 +358,10 @@ def _progress(enabled: bool) -> Progress | None:
 
 
 def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | None,
-            state: Path | None, parts=None) -> Path | None:
+            state: Path | None, parts=None, started=None) -> Path | None:
     """Run rounds start_round..rounds; `state` is the checkpoint to resume (None: a fresh run),
-    of which a rank with expert shards reads only its experts' rows."""
+    of which a rank with expert shards reads only its experts' rows. `started()` is called
+    once a fresh run's round 0 is saved."""
     fed = build(cfg, run_dir, resume_offset, parts)
     if state is not None:
         tensors, meta = checkpoint.load_checkpoint(state, fed.shards.range if fed.shards else None)
@@ -367,13 +370,18 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
     fed.metrics.log("run", status="resumed" if state else "started", round=start_round,
                     threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled(),
                     torch=torch.__version__)
+    log_data(fed)
+    guard = Guard.for_run(cfg.train, run_dir if state is not None and fed.writes else None)
     show = cfg.logging.progress and fed.writes
     progress = _progress(show)
     previous: dict[str, float] = {}
     if state is None:
         rows = evaluate(fed, 0)
         _print_table(rows, previous, fed.data.chance, 0, show)
+        guard.after_eval(fed, rows, console)  # the base model's evaluation: the reference
         save_round(fed, 0)
+        if started is not None and fed.writes:
+            started()
         start_round = 1
     rounds = cfg.federation.rounds
     with progress or _nullcontext():
@@ -384,11 +392,15 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
             except signals.Preempted as stop:  # SIGUSR1/SIGTERM: keep the completed rounds, return (exit 0)
                 signals.pause(fed, stop, save_round)
                 return None
+            diverged = None
             if round_ % cfg.eval.every == 0 or round_ == rounds:
                 rows = evaluate(fed, round_)
                 _print_table(rows, previous, fed.data.chance, round_, show)
-            if round_ % cfg.checkpoint.every == 0 or round_ == rounds:
+                diverged = guard.after_eval(fed, rows, console)
+            if round_ % cfg.checkpoint.every == 0 or round_ == rounds or diverged:
                 save_round(fed, round_)
+            if diverged:  # train.on_divergence: stop; resumable from this round's checkpoint
+                halt(fed, round_, diverged)
             if progress:
                 progress.update(task, completed=round_)
     final = write_final(fed)
@@ -400,6 +412,16 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
         report = write_report(run_dir)
         console.print(f"[bold]done[/]: adapters in {final}/adapter.safetensors, report in {report}")
     return final
+
+
+def log_data(fed: Federation) -> None:
+    """How much data the run has, and how many records were cut before tokenization."""
+    data = fed.data
+    fed.metrics.log("data", train=len(data.train_examples), eval=len(data.eval_examples),
+                    truncated=data.truncated)
+    if data.truncated and fed.writes:
+        console.print(f"[bold yellow]warning[/]: {data.truncated} data record(s) cut before tokenization "
+                      f"to their last {CHARS_PER_TOKEN} characters per token of the length limit")
 
 
 def _print_table(rows: list[dict], previous: dict[str, float], chance: float, round_: int,
@@ -423,26 +445,26 @@ class _nullcontext:
 # Entry points used by the CLI
 
 
-LAUNCH_LOGS = "logs"  # RUN/logs/: written by launchers (slurm/) from before the run exists
-
-
 def start_run(cfg: Config, out: Path, overwrite: bool) -> Path:
     signals.install()
-    out = Path(out)
-    occupied = out.exists() and any(p.name != LAUNCH_LOGS for p in out.iterdir())
-    if occupied and not overwrite:
-        raise UserError(f"{out}: directory exists and is not empty (pass --overwrite to replace it)")
-    if occupied and not (out / "config.yaml").is_file():
-        raise UserError(f"{out}: not a fedmoe run directory; refusing to overwrite it")
     topology = current_topology(cfg)  # ranks that cannot hold the tiers' groups: an error here
-    parts = setup(cfg)  # every input is loaded and checked before anything is written
-    topology.barrier()  # under MPI every rank has checked `out` before rank 0 changes it
-    if topology.writes:
-        if occupied:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, out / "config.yaml")
-    return execute(cfg, out, start_round=0, resume_offset=None, state=None, parts=parts)
+    start = rundir.Start(Path(out), overwrite)
+    try:
+        on_writer(topology, start.check)  # a second writer is refused before anything loads
+        parts = setup(cfg)  # every input is loaded and checked before anything is written
+        check_deepspeed_config(cfg.train, cfg.deepspeed, topology.group.size)
+        topology.barrier()  # under MPI every rank has checked its inputs before rank 0 claims `out`
+        on_writer(topology, start.claim)
+        if topology.writes:
+            dump_config(cfg, start.out / "config.yaml")
+        return execute(cfg, start.out, start_round=0, resume_offset=None, state=None, parts=parts,
+                       started=start.started)
+    except BaseException:
+        if topology.writes:
+            start.failed()  # not started: `out` as it was found, a replaced run moved back
+        raise
+    finally:
+        start.release()
 
 
 def is_run_dir(path: Path) -> bool:
@@ -461,6 +483,15 @@ def resume_run(run_dir: Path) -> Path:
     signals.install()
     run_dir = Path(run_dir)
     cfg = _run_config(run_dir)
+    lock = on_writer(current_topology(cfg), lambda: rundir.RunLock(run_dir))
+    try:
+        return _resume(cfg, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resume(cfg: Config, run_dir: Path) -> Path:
     latest = restore.choose(run_dir, current_topology(cfg).writes,
                             f"start the run again with `fedmoe run --config {run_dir}/config.yaml "
                             f"--out {run_dir} --overwrite`")
