@@ -4,6 +4,10 @@ These methods spend a tier's budget on LoRA rank, not on experts: every client r
 top-k at its tier's rank r_c. The global LoRA is kept at r_max with the scale folded into B
 (`B_scaled = s * B`), so clients of different ranks meet on s_c B_c A_c. Methods that merge
 updates into the frozen base keep the merged sum in `self.delta` (see `Strategy.base_delta`).
+
+LoRA scale: `lora_alpha: 2r` (default) sets alpha = 2 r_c, a scale of 2 at every rank, as the
+official heterogeneous-rank codes do (FLoRA's `lora_alpha=2*local_ranks[client_id]`);
+`lora_alpha: fixed` keeps the model's alpha, a scale alpha / r_c that grows as the rank shrinks.
 """
 from __future__ import annotations
 
@@ -12,16 +16,32 @@ from torch import Tensor
 
 from pipeline.algorithms import lora_math as lm
 from pipeline.algorithms.base import ClientPlan, ClientUpdate, Strategy
+from pipeline.algorithms.options import Option
 from pipeline.config import Tier
+
+ALPHA_PER_RANK = 2.0  # alpha = 2 r in the official heterogeneous-rank codes
 
 
 class HeteroRankStrategy(Strategy):
+    option_spec = {"lora_alpha": Option("2r", ("2r", "fixed"))}
+
+    def lora_scale(self, rank: int) -> float:
+        """The LoRA scale s_c a client of rank `rank` trains with."""
+        if self.options["lora_alpha"] == "2r":
+            return ALPHA_PER_RANK
+        return lm.scale(self.model.lora_alpha, rank)
+
+    def configure_model(self, model, plan: ClientPlan | None) -> None:
+        from pipeline.model import set_lora_scale
+
+        set_lora_scale(model, ALPHA_PER_RANK if self.options["lora_alpha"] == "2r" else None)
+
     def init_state(self, initial_adapters: dict[str, Tensor]) -> None:
         super().init_state(initial_adapters)
         self.pairs = lm.lora_pairs(initial_adapters)
         if len(self.pairs) * 2 != len(initial_adapters):
             raise ValueError(f"{self.name}: every adapter tensor must belong to a LoRA pair")
-        s_max = lm.scale(self.model.lora_alpha, self.model.lora_rank)
+        s_max = self.lora_scale(self.model.lora_rank)
         for _, _, b in self.pairs:  # stored scaled: s_max * B
             self.global_adapters[b] = self.global_adapters[b] * s_max
         self.delta: dict[str, Tensor] = {}
@@ -51,7 +71,7 @@ class HeteroRankStrategy(Strategy):
     def factors_at_rank(self, adapters: dict[str, Tensor], rank: int) -> dict[str, Tensor]:
         out = {}
         for _, a, b in self.pairs:
-            out[a], out[b] = lm.client_factors(adapters[a], adapters[b], rank, self.model.lora_alpha)
+            out[a], out[b] = lm.client_factors(adapters[a], adapters[b], rank, self.lora_scale(rank))
         return out
 
     def plan(self, client_id: int, round_: int, tier: Tier, seed: int) -> ClientPlan:
@@ -61,7 +81,7 @@ class HeteroRankStrategy(Strategy):
 
     def scaled(self, update: ClientUpdate) -> dict[str, Tensor]:
         """The update's factors with B carrying the client's scale s_c (float64)."""
-        s_c = lm.scale(self.model.lora_alpha, update.lora_rank)
+        s_c = self.lora_scale(update.lora_rank)
         out = {}
         for _, a, b in self.pairs:
             out[a] = update.adapters[a].double()

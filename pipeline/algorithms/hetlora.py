@@ -2,10 +2,14 @@
 were not recovered, so both defaults are ours).
 
 Clients start from the global rank-r_max LoRA truncated to their rank; the local loss adds
-lambda * ||B_tail|| * ||A_tail|| over the last (1 - gamma) r_c components; a client whose tail
-norm fell during local training prunes its rank to max(1, floor(gamma * r_c)) for its next
-round. The server zero-pads every client to r_max and averages with weights
+lambda * ||B_tail|| * ||A_tail|| over the components from ceil(gamma r_c) on (0-based), per
+LoRA matrix: per expert for expert LoRA, whose tensors stack one matrix per expert. A client
+whose tail norm fell during local training prunes its rank to max(1, floor(gamma * r_c)) for its
+next round. The server zero-pads every client to r_max and averages with weights
 w_c = ||s_c B_c A_c||_F / sum_j ||s_j B_j A_j||_F.
+
+At gamma = 0.75 a rank-2 client's tail is empty (ceil(1.5) = 2): no penalty, and it never
+prunes; ranks 4 and 6 have one tail component, rank 8 two.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ from pipeline.config import Tier
 @register
 class HetLoRA(HeteroRankStrategy):
     name = "hetlora"
-    option_spec = {"gamma": Option(0.75, float, 0.0, 1.0, open_low=True),  # [choice] all three defaults
+    option_spec = {**HeteroRankStrategy.option_spec,  # [choice] gamma, lam, prune defaults
+                   "gamma": Option(0.75, float, 0.0, 1.0, open_low=True),
                    "lam": Option(1e-3, float, low=0.0), "prune": Option(True, bool)}
 
     def init_state(self, initial_adapters):
@@ -46,10 +51,14 @@ class HetLoRA(HeteroRankStrategy):
         return start, rank
 
     def tail_norm(self, adapters: dict[str, torch.Tensor], rank: int) -> torch.Tensor:
+        """sum over LoRA matrices of ||B_tail||_F ||A_tail||_F; an expert tensor [E, ., .] is E
+        matrices, so its term is the sum over experts, not the norms of the whole stack."""
         lo, hi = self.tail(rank)
         total = 0.0
         for _, a, b in self.pairs:
-            total = total + adapters[b][..., lo:hi].norm() * adapters[a][..., lo:hi, :].norm()
+            norms = (torch.linalg.matrix_norm(adapters[b][..., lo:hi])
+                     * torch.linalg.matrix_norm(adapters[a][..., lo:hi, :]))
+            total = total + norms.sum()
         return total
 
     def extra_loss(self, model, plan: ClientPlan):

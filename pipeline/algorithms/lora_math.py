@@ -3,8 +3,8 @@
 A pair is (A, B) with A [..., r, in] and B [..., out, r] (expert LoRA has a leading expert
 dimension), named `<key>_A` / `<key>_B`. Adapters always keep the full rank r_max; a client of
 rank r uses the first r components (`set_lora_rank`) and the rest is zero. The model scales a
-rank-r LoRA by s_r = alpha / r, so rules that compare clients of different ranks work on the
-scaled factor s_r * B, which makes s_r B A independent of r.
+rank-r LoRA by s_r (alpha / r, or a constant: `set_lora_scale`), so rules that compare clients
+of different ranks work on the scaled factor s_r * B, which makes s_r B A independent of r.
 """
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def svd_factors(w: Tensor, rank: int, out_rank: int) -> tuple[Tensor, Tensor]:
     return a, b
 
 
-def client_factors(a_global: Tensor, b_scaled: Tensor, rank: int, alpha: float) -> tuple[Tensor, Tensor]:
-    """A client's rank-`rank` start point from global factors whose B carries the scale."""
-    a, b = truncate(a_global, b_scaled / scale(alpha, rank), rank)
+def client_factors(a_global: Tensor, b_scaled: Tensor, rank: int, lora_scale: float) -> tuple[Tensor, Tensor]:
+    """A client's rank-`rank` start point, trained at scale `lora_scale`, from global factors
+    whose B carries the scale."""
+    a, b = truncate(a_global, b_scaled / lora_scale, rank)
     return a.float(), b.float()

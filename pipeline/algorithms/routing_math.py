@@ -76,8 +76,8 @@ def routing_statistics(indices: Tensor, probs: Tensor) -> RoutingStats:
 
 
 def pseudo_gradients(grads: Tensor, indices: Tensor, probs: Tensor, rho_c: float,
-                     scope: str = "inactive") -> Tensor:
-    """Pseudo-gradients for one layer's expert LoRA tensor.
+                     scope: str = "all") -> Tensor:
+    """Pseudo-gradients for one layer's expert LoRA tensor, in factor space (`pg_space: factors`).
 
     grads [M, ...] true gradients of the M experts' copies of one LoRA tensor; indices [N, k]
     the experts each token used; probs [N, M] the (modulated) routing softmax. Returns the
@@ -86,12 +86,13 @@ def pseudo_gradients(grads: Tensor, indices: Tensor, probs: Tensor, rho_c: float
         G_bar = sum_j w_j grad_j / sum_j w_j
         pi_i  = mean over tokens of p_i(x) * 1[i not in A(x)]
         add_i = rho_c * pi_i * G_bar
-    With scope "inactive" (default) only experts that no token used receive it.
+    Every expert receives it (scope "all", the specification's reading); with scope
+    "inactive" only experts that no token used.
     """
     return pseudo_gradients_from(grads, routing_statistics(indices, probs), rho_c, scope)
 
 
-def pseudo_gradients_from(grads: Tensor, stats: RoutingStats, rho_c: float, scope: str = "inactive",
+def pseudo_gradients_from(grads: Tensor, stats: RoutingStats, rho_c: float, scope: str = "all",
                           first_expert: int = 0,
                           sum_experts: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """`pseudo_gradients` from given statistics, for experts `first_expert + [0, len(grads))`.
@@ -102,8 +103,6 @@ def pseudo_gradients_from(grads: Tensor, stats: RoutingStats, rho_c: float, scop
     single-process add of its gradient; it is linear in the gradient, so the ranks' usual
     gradient reduction then gives the whole batch's.
     """
-    if scope not in ("inactive", "all"):
-        raise ValueError(f"pg scope: unknown {scope!r}")
     if stats.mass.sum() <= 0:
         return torch.zeros_like(grads)
     local = slice(first_expert, first_expert + grads.shape[0])
@@ -112,11 +111,57 @@ def pseudo_gradients_from(grads: Tensor, stats: RoutingStats, rho_c: float, scop
     if sum_experts is not None:
         numerator = sum_experts(numerator)
     g_bar = numerator / stats.mass.sum()
-    pi = stats.unused / stats.tokens.clamp_min(1)
-    if scope == "inactive":
-        pi = pi * (stats.used == 0)
-    add = rho_c * pi[local, None] * g_bar[None, :]
+    add = rho_c * unserved_mass(stats, scope)[local, None] * g_bar[None, :]
     return add.to(grads.dtype).reshape(grads.shape)
+
+
+def unserved_mass(stats: RoutingStats, scope: str) -> Tensor:
+    """pi [M], float64: every expert's (scope "all") or only the unused experts' ("inactive")."""
+    if scope not in ("inactive", "all"):
+        raise ValueError(f"pg scope: unknown {scope!r}")
+    pi = stats.unused / stats.tokens.clamp_min(1)
+    return pi * (stats.used == 0) if scope == "inactive" else pi
+
+
+def mass_weighted_weight_gradient(grad_out: Tensor, xs: Tensor, offsets: Tensor, mass: Tensor) -> Tensor:
+    """sum_j w_j dL/dW_j over the experts of one projection's routed rows, [out, in] in xs's dtype.
+
+    `xs` [S, in] are the projection's input rows grouped by expert (`offsets` [E'] their
+    cumulative ends), `grad_out` [S, out] the gradient of its output rows, `mass` [E'] the
+    experts' w_j. dL/dW_j is the sum of g x^T over expert j's rows, so the weighted sum is one
+    GEMM over all routed rows, taken here as one accumulating GEMM per expert (in a fixed order,
+    and without an [S, out] copy of the weighted gradient).
+    """
+    total = xs.new_zeros(grad_out.shape[1], xs.shape[1])
+    start = 0
+    for w, end in zip(mass.tolist(), offsets.tolist()):
+        if end > start and w != 0.0:
+            total.addmm_(grad_out[start:end].T, xs[start:end], alpha=w)
+        start = end
+    return total
+
+
+def weight_space_pseudo_gradients(weighted: Tensor, stats: RoutingStats, a: Tensor, b: Tensor,
+                                  lora_scale: float, rho_c: float, scope: str = "all",
+                                  first_expert: int = 0) -> tuple[Tensor, Tensor]:
+    """The weight-space pseudo-gradient mapped into each expert's own LoRA factors.
+
+    weighted [out, in] is sum_j w_j dL/dW_j over every expert of the layer (summed over the
+    ranks holding them); a [E', r, in], b [E', out, r] the factors of experts
+    `first_expert + [0, E')` at the active rank. With G_W = weighted / sum_j w_j, expert i's
+    pseudo weight gradient is rho_c pi_i G_W, and by the chain rule through W_i = W0_i + s B_i A_i
+        add_a_i = s rho_c pi_i B_i^T G_W,   add_b_i = s rho_c pi_i G_W A_i^T.
+    Returns (add_a, add_b) in the factors' shapes and dtype.
+    """
+    total = stats.mass.sum()
+    if total <= 0:
+        return torch.zeros_like(a), torch.zeros_like(b)
+    g_w = (weighted.double() / total).to(a.dtype)
+    local = slice(first_expert, first_expert + a.shape[0])
+    coef = (lora_scale * rho_c * unserved_mass(stats, scope)[local]).to(a.dtype)[:, None, None]
+    add_a = torch.matmul(b.transpose(1, 2), g_w) * coef
+    add_b = torch.matmul(g_w, a.transpose(1, 2)) * coef
+    return add_a, add_b
 
 
 def loss_free_bias_update(bias: Tensor, load: Tensor, rate: float) -> Tensor:

@@ -2,15 +2,16 @@
 
 ALGORITHMS.md section 3. Client: router affinities s, candidate set T = top-N_p of s, a
 learnable per-layer shift phi added inside T, softmax, top-K_c (the block does this when the
-model carries `phi`); loss = LM + range penalty on phi; after each backward, pseudo-gradients
-for the expert LoRA of experts no token used, from the routing-mass-weighted gradient of the
-active ones, scaled by rho_c. Server: adapters averaged (FedAvg or expert-wise), then the
-utilisation estimate u, the target u* = K_bar / M, phi_raw = tanh(u*/u - 1) and the momentum
-update phi = zeta * mean_c(phi_c) + (1 - zeta) * phi_raw, broadcast next round.
+model carries `phi`); loss = LM + range penalty on phi; after each backward, every expert's
+LoRA gets rho_c * pi_i times the routing-mass-weighted gradient of the active experts (pi_i:
+the routing mass its tokens left unserved). Server: adapters averaged (FedAvg or expert-wise),
+then the utilisation estimate u, the target u* = K_bar / M, phi_raw = tanh(u*/u - 1) and the
+momentum update phi = zeta * mean_c(phi_c) + (1 - zeta) * phi_raw, broadcast next round.
 
 Switches (all documented as ours where ALGORITHMS.md tags them [choice]):
 dmr, pg, reg (on/off), rho (sparsity | inverse), aggregation (fedavg | expert-wise),
-pg_scope (inactive | all), n_candidates (default 2 K_max), phi_min/phi_max, lam, zeta.
+pg_scope (all | inactive), pg_space (weight | factors), n_candidates (default 2 K_max),
+phi_min/phi_max, lam, zeta.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class UBSMoE(Strategy):
         "dmr": Option(True, bool), "pg": Option(True, bool), "reg": Option(True, bool),
         "rho": Option("sparsity", ("sparsity", "inverse")),
         "aggregation": Option("fedavg", ("fedavg", "expert-wise")),
-        "pg_scope": Option("inactive", ("inactive", "all")),
+        "pg_scope": Option("all", ("all", "inactive")), "pg_space": Option("weight", ("weight", "factors")),
         "n_candidates": Option(None, int, low=1, nullable=True),  # None: 2 K_max
         "phi_min": Option(-1.0, float), "phi_max": Option(1.0, float),
         "lam": Option(1e-2, float, low=0.0), "zeta": Option(0.9, float, 0.0, 1.0),
@@ -93,43 +94,99 @@ class UBSMoE(Strategy):
         return sum(rm.range_penalty(p, o["phi_min"], o["phi_max"], o["lam"]) for p in phis)
 
     def configure_model(self, model, plan: ClientPlan | None) -> None:
-        """PG runs as a gradient hook on each layer's expert-LoRA tensors: it sees the whole
+        """PG runs as gradient hooks on each layer's expert-LoRA tensors: they see the whole
         layer's gradient before DeepSpeed takes it (ZeRO 1/2 move gradients out of `p.grad`
-        during backward), so it works at every ZeRO stage."""
+        during backward), so it works at every ZeRO stage. In weight space the block's
+        projections also hook their output gradient, where the layer's weighted weight gradient
+        is formed and mapped into the factors; the tensor hooks then add the result."""
         if not self.options["pg"]:
             return
         self._rho = rm.rho(plan.top_k, self.model.num_experts, self.options["rho"]) if plan else 0.0
+        weight_space = self.options["pg_space"] == "weight"
+        observer = self._projection_observer() if weight_space else None
         # Marked per tensor, not per model: tensors swapped in after the first call (the
         # all-gathered copies of gathered_experts) get their own hook, and the tensors that
         # train keep exactly one, on every rank alike (the hook's sums are collectives).
         for block in moe_blocks(model):
+            if weight_space:
+                block.projection_observer = observer
+                if not hasattr(block, "pg_pending"):
+                    block.pg_pending = {}
             for name in EXPERT_LORA_NAMES:
                 p = getattr(block, name, None)
                 if p is not None and not getattr(p, "_fedmoe_pg_hook", False):
-                    p.register_hook(self._pseudo_gradient_hook(block))
+                    p.register_hook(self._pending_hook(block, name) if weight_space
+                                    else self._pseudo_gradient_hook(block))
                     p._fedmoe_pg_hook = True
 
-    def _pseudo_gradient_hook(self, block):
-        """Inside a client group of several ranks the block's routing is this rank's tokens and,
-        under expert parallelism, `grad` holds only its experts: the statistics are summed over
-        the group and the weighted gradient over the expert-parallel group, by the sums the
-        engine set on the block (`sum_over_group`, `sum_over_experts`; None in one process),
-        so the step is the single-process step on the whole batch (routing_math)."""
-        cache: dict = {}
+    def _statistics(self, block) -> rm.RoutingStats | None:
+        """The block's routing statistics of its last forward, summed over the client group
+        once per forward (one collective for all of the layer's hooks)."""
+        routing = block.last_routing
+        if routing is None:
+            return None
+        cached = getattr(block, "pg_statistics", None)
+        if cached is None or cached[0] is not routing:
+            stats = rm.routing_statistics(routing.indices, routing.probs).summed(block.sum_over_group)
+            block.pg_statistics = cached = (routing, stats)
+        return cached[1]
 
+    def _pseudo_gradient_hook(self, block):
+        """Factor space. Inside a client group of several ranks the block's routing is this
+        rank's tokens and, under expert parallelism, `grad` holds only its experts: the
+        statistics are summed over the group and the weighted gradient over the expert-parallel
+        group, by the sums the engine set on the block (`sum_over_group`, `sum_over_experts`;
+        None in one process), so the step is the single-process step on the whole batch."""
         def hook(grad: Tensor) -> Tensor:
-            routing = block.last_routing
-            if routing is None or self._rho == 0.0:
+            if self._rho == 0.0 or block.last_routing is None:
                 return grad
-            if cache.get("routing") is not routing:  # one group sum per forward, for the four tensors
-                stats = rm.routing_statistics(routing.indices, routing.probs)
-                cache.update(routing=routing, stats=stats.summed(block.sum_over_group))
             sliced = grad.shape[0] < block.num_experts  # expert parallel: this rank's experts only
             add = rm.pseudo_gradients_from(
-                grad, cache["stats"], self._rho, self.options["pg_scope"],
+                grad, self._statistics(block), self._rho, self.options["pg_scope"],
                 first_expert=block.expert_start if sliced else 0,
                 sum_experts=block.sum_over_experts if sliced else None)
             return grad + add
+        return hook
+
+    def _projection_observer(self):
+        """The blocks' `projection_observer`: a plain closure, which a deep copy of the model
+        shares (a bound method would deep-copy this strategy with it)."""
+        def observe(block, proj: str, xs: Tensor, out: Tensor, offsets: Tensor) -> None:
+            if self._rho != 0.0 and block.last_routing is not None:
+                out.register_hook(lambda g: self._weight_space(block, proj, xs, g, offsets))
+        return observe
+
+    def _weight_space(self, block, proj: str, xs: Tensor, grad_out: Tensor, offsets: Tensor) -> None:
+        """Weight space, in the projection's backward: sum_j w_j dL/dW_j over this rank's routed
+        rows (one GEMM; summed over the expert-parallel group when this rank holds only some
+        experts, as its rows then hold only theirs), mapped into this rank's experts' factors
+        and left for the factors' own hooks; the [out, in] sum is freed on return. Linear in
+        the rank's gradient, so the group's usual gradient reduction gives the whole batch's."""
+        stats = self._statistics(block)
+        sliced = offsets.numel() < block.num_experts
+        first = block.expert_start if sliced else 0
+        mass = stats.mass[first:first + offsets.numel()]
+        weighted = rm.mass_weighted_weight_gradient(grad_out, xs, offsets, mass)
+        if sliced and block.sum_over_experts is not None:
+            weighted = block.sum_over_experts(weighted)
+        a, b = block._lora_factors(proj)
+        add_a, add_b = rm.weight_space_pseudo_gradients(
+            weighted, stats, a.detach(), b.detach(), block.scale, self._rho,
+            self.options["pg_scope"], first_expert=first)
+        block.pg_pending[f"lora_{proj}_A"] = add_a
+        block.pg_pending[f"lora_{proj}_B"] = add_b
+
+    @staticmethod
+    def _pending_hook(block, name: str):
+        """Adds the weight-space pseudo-gradient its projection's hook left (active rank only)."""
+        def hook(grad: Tensor) -> Tensor:
+            add = block.pg_pending.pop(name, None)
+            if add is None:
+                return grad
+            out = grad.clone()
+            rank = add.shape[1] if name.endswith("_A") else add.shape[2]
+            (out[:, :rank] if name.endswith("_A") else out[..., :rank]).add_(add.to(grad.dtype))
+            return out
         return hook
 
     # --- aggregation ----------------------------------------------------------------------

@@ -344,6 +344,7 @@ def export_merged(fed: Federation, adapters: dict[str, Tensor], out: Path) -> No
     model = fed.engine.model
     fed.engine.load_adapters(adapters)
     set_base_delta(model, fed.strategy.base_delta())
+    fed.strategy.configure_model(model, None)  # its LoRA scale, as at evaluation
     set_top_k(model, model.config.num_experts_per_tok)
     set_lora_rank(model, fed.cfg.model.lora.rank)
     with gathered_experts(model):  # ZeRO-3: the other ranks take part in save_merged's gathers

@@ -121,11 +121,23 @@ def set_lora_rank(model: nn.Module, r: int) -> None:
         m.active_rank = r
 
 
+def set_lora_scale(model: nn.Module, scale: float | None) -> None:
+    """A LoRA scale for every rank (`alpha = scale * r`, as the heterogeneous-rank codes set
+    `alpha = 2 r`), or None for `alpha / r` with the alpha the model was built with."""
+    modules = lora_modules(model)
+    if not modules:
+        raise ValueError("model has no LoRA modules: call patch_olmoe first")
+    if scale is not None and not scale > 0:
+        raise ValueError(f"lora scale must be > 0, got {scale!r}")
+    for m in modules:
+        m.scale_override = None if scale is None else float(scale)
+
+
 def expert_token_counts(model: nn.Module) -> Tensor:
     """Routed-token counts since the last reset, [num_layers, num_experts] float64 on CPU.
 
-    Every token the blocks saw counts, padding included: the block never sees the attention
-    mask. Each layer's row sums to tokens * top_k.
+    Only real tokens count: the model hands its attention mask to the blocks, which do not
+    route pads. Each layer's row sums to real tokens * top_k.
     """
     return torch.stack([b.token_counts.detach().cpu() for b in _patched_blocks(model)]).double()
 

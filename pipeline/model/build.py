@@ -53,6 +53,7 @@ def patch_olmoe(model: OlmoeForCausalLM, lora_rank: int = 8, lora_alpha: float =
                 attention_modules: Sequence[str] = ATTENTION_MODULES) -> OlmoeForCausalLM:
     """In place: every `OlmoeSparseMoeBlock` becomes a `HeteroMoEBlock` on the same weights, the
     chosen attention projections become `LoRALinear`; base weights are frozen, adapters trainable.
+    Every forward hands the attention mask to the MoE blocks, which route real tokens only.
     """
     if lora_rank < 1 and (expert_lora or attention_lora):
         raise ValueError(f"lora_rank must be >= 1, got {lora_rank}")
@@ -74,7 +75,20 @@ def patch_olmoe(model: OlmoeForCausalLM, lora_rank: int = 8, lora_alpha: float =
     # Fresh modules start trainable; only the adapters must be.
     for name, p in model.named_parameters():
         p.requires_grad_(is_adapter_name(name))
+    model.model.register_forward_pre_hook(_hand_token_mask, with_kwargs=True)
     return model
+
+
+def _hand_token_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the decoder stack: its 2-D attention mask (1 = real token) to every
+    MoE block. Pads then reach no routing count or statistic; with causal attention that masks
+    them as keys, their (zero) MoE output changes no real token's. A module-level function so
+    that a deep copy of the model hands the mask to its own blocks."""
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    real = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+    for layer in module.layers:
+        if isinstance(layer.mlp, HeteroMoEBlock):
+            layer.mlp.token_mask = real
 
 
 # allenai/OLMoE-1B-7B-0924's config.json (6.9 B parameters, 1.3 B active); transformers'

@@ -111,7 +111,7 @@ def export_peft_attention(model: OlmoeForCausalLM, out_dir: str | Path) -> None:
             tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().contiguous().clone()
             targets.add(name.rsplit(".", 1)[-1])
             ranks.add(module.active_rank)
-            alphas.add(module.lora_alpha)
+            alphas.add(module.scale * module.active_rank)  # peft scales by alpha / r
     if not tensors:
         raise ValueError("model has no attention LoRA to export")
     if len(ranks) > 1 or len(alphas) > 1:

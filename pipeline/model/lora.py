@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 
 class LoRALinear(nn.Module):
-    """`lora_A [r, in]`, `lora_B [out, r]`; the first `active_rank` ranks are used, scale alpha/active_rank."""
+    """`lora_A [r, in]`, `lora_B [out, r]`; the first `active_rank` ranks are used, scale
+    alpha/active_rank (or `scale_override` when set)."""
 
     def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0):
         super().__init__()
@@ -25,6 +26,7 @@ class LoRALinear(nn.Module):
         self.rank = int(rank)
         self.active_rank = self.rank
         self.lora_alpha = float(alpha)
+        self.scale_override: float | None = None  # a rank-independent scale (set_lora_scale)
         w = base.weight
         self.lora_A = nn.Parameter(torch.zeros(rank, base.in_features, dtype=w.dtype, device=w.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
@@ -40,6 +42,8 @@ class LoRALinear(nn.Module):
 
     @property
     def scale(self) -> float:
+        if self.scale_override is not None:
+            return self.scale_override
         return self.lora_alpha / self.active_rank
 
     @torch.no_grad()

@@ -159,7 +159,9 @@ class HeteroMoEBlock(nn.Module):
     """Drop-in replacement for `OlmoeSparseMoeBlock`: `forward(hidden [B, S, H]) -> [B, S, H]`.
 
     Attributes read on every call: `top_k` (experts per token), `active_rank` (LoRA rank in use,
-    scale `lora_alpha / active_rank`), `record_counts`, `record_routing`.
+    scale `lora_alpha / active_rank` unless `scale_override` is set), `record_counts`,
+    `record_routing`, `token_mask` (which tokens are real; pads are not routed), and
+    `projection_observer` (see `_project`).
     """
 
     def __init__(self, moe_block: nn.Module, lora_rank: int = 8, lora_alpha: float = 16.0,
@@ -174,6 +176,7 @@ class HeteroMoEBlock(nn.Module):
         self.top_k = int(self.gate.top_k)
 
         self.lora_alpha = float(lora_alpha)
+        self.scale_override: float | None = None  # a rank-independent scale (set_lora_scale)
         self.rank = int(lora_rank) if expert_lora else 0
         self.active_rank = self.rank
         if self.rank:
@@ -197,6 +200,14 @@ class HeteroMoEBlock(nn.Module):
         self.record_counts = True
         self.record_routing = False
         self.last_routing: Routing | None = None
+        # [B, T] bool, True on real tokens, set before every model forward from its attention
+        # mask (pipeline.model.build); None: every token is real. Kept until the next forward so
+        # that a checkpointed layer's recomputation routes the same tokens.
+        self.token_mask: Tensor | None = None
+        # Called as observer(block, proj, xs, out, offsets) on every projection whose output needs
+        # a gradient (UB-SMoE's weight-space pseudo-gradient hooks its backward there); None: off.
+        # A plain function, so that a deep copy of the model shares it.
+        self.projection_observer = None
         # Expert parallelism (pipeline.model.expert_parallel): this rank holds experts
         # [expert_start, expert_start + num_experts / ep_size) of every fused tensor.
         self.ep_group = None
@@ -214,6 +225,8 @@ class HeteroMoEBlock(nn.Module):
 
     @property
     def scale(self) -> float:
+        if self.scale_override is not None:
+            return self.scale_override
         return self.lora_alpha / self.active_rank
 
     @torch.no_grad()
@@ -281,13 +294,38 @@ class HeteroMoEBlock(nn.Module):
     def forward(self, hidden_states: Tensor) -> Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, self.hidden_dim)
+        real = self._real_tokens(shape)
+        if real is not None:  # pads are not routed: no counts, no statistics, zero MoE output
+            x = x.index_select(0, real)
         indices, weights, probs = self.route(x)
         if self.record_routing:
             self.last_routing = Routing(indices.detach(), probs.detach())
-        return self.dispatch(x, indices, weights).reshape(shape)
+        y = self.dispatch(x, indices, weights)
+        if real is not None:
+            y = y.new_zeros(shape.numel() // self.hidden_dim, self.hidden_dim).index_copy(0, real, y)
+        return y.reshape(shape)
+
+    def _real_tokens(self, shape) -> Tensor | None:
+        """Flat indices of the real tokens of a [B, S, H] input, None when all are real. The mask
+        covers the whole sequence; an input of S tokens is its last S (decoding with a cache)."""
+        mask = self.token_mask
+        if mask is None or len(shape) != 3:
+            return None
+        if mask.shape[0] != shape[0] or mask.shape[1] < shape[1]:
+            raise ValueError(f"token mask {tuple(mask.shape)} does not cover hidden states {tuple(shape)}")
+        mask = mask[:, mask.shape[1] - shape[1]:]
+        if bool(mask.all()):
+            return None
+        return mask.reshape(-1).nonzero().squeeze(1)
 
     def _project(self, xs: Tensor, proj: str, offsets: Tensor) -> Tensor:
         """W_e x (+ s * B_e A_e x) for the rows of each expert e."""
+        out = self._project_rows(xs, proj, offsets)
+        if self.projection_observer is not None and out.requires_grad:
+            self.projection_observer(self, proj, xs, out, offsets)
+        return out
+
+    def _project_rows(self, xs: Tensor, proj: str, offsets: Tensor) -> Tensor:
         weight = getattr(self.experts, f"{proj}_proj")
         if not self.has_lora:
             return grouped_linear(xs, weight, offsets)

@@ -31,10 +31,10 @@ def _adapters(run):
     return load_file(run / "final" / "adapter.safetensors")
 
 
-def _close(run, reference):
+def _close(run, reference, tol=1e-5):
     got, want = _adapters(run), _adapters(reference)
     assert got.keys() == want.keys()
-    assert relative_difference(got, want) <= 1e-5
+    assert relative_difference(got, want) <= tol
     assert any(not torch.equal(got[k], want[k]) for k in want)  # it did run distributed
 
 
@@ -92,4 +92,7 @@ def test_expert_wise_ubsmoe_aggregates_by_shard_as_in_one_process(tmp_path):
     fedmoe("run", "--config", TINY, "--out", reference, *set_args(method))
     out = tmp_path / "ep2"
     mpiexec(2, "-m", "pipeline.cli", "run", "--config", TINY, "--out", out, *set_args(method + EP2), timeout=300)
-    _close(out, reference)
+    # Measured 1.05e-5 once pads left the counts, 5.2e-6 without one entry of one expert whose
+    # near-zero gradient Adam turns into a +-lr step under either summation order (client losses
+    # agree to 6e-8); aggregating a shard with the wrong counts would differ by O(1).
+    _close(out, reference, tol=5e-5)

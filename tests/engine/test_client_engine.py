@@ -115,21 +115,25 @@ def test_base_weights_stay_frozen():
     assert expert_token_counts(engine.model).shape == (2, 8)
 
 
-def test_pseudo_gradients_work_at_every_zero_stage():
-    """PG runs as a tensor hook, so ZeRO 2 (which takes p.grad during backward) gets it too."""
+def test_pseudo_gradients_work_at_every_zero_stage(tmp_path):
+    """PG runs as tensor hooks, so ZeRO 2 (which takes p.grad during backward) gets it too; in
+    weight space it reads the factors inside the block's backward, where ZeRO-3 has gathered
+    them even when every tensor is partitioned ("3p": persistence threshold 0)."""
     from pipeline.algorithms import ModelInfo, build_strategy
     from pipeline.config import Tier
     from pipeline.model.routing import enable_routing_modulation, moe_blocks, set_record_routing
 
     tier = Tier(0, "low", 0.25, 1, 4, 1.0)
     results = {}
-    for stage in (0, 2, 3):
+    stages = {0: DeepSpeedConfig(zero_stage=0), 2: DeepSpeedConfig(zero_stage=2),
+              3: DeepSpeedConfig(zero_stage=3), "3p": _zero3(tmp_path, 0)}
+    for stage, ds in stages.items():
         model = _model()
         enable_routing_modulation(model, 6)
         set_record_routing(model, True)
         strategy = build_strategy("ubsmoe", {}, ModelInfo(2, 8, 4, 4, 8.0), [tier])
         strategy.init_state(_adapters(model, 7))
-        engine = ClientEngine(model, TRAIN, DeepSpeedConfig(zero_stage=stage))
+        engine = ClientEngine(model, TRAIN, ds)
         plan = strategy.plan(0, 1, tier, seed=0)
         strategy.configure_model(engine.model, plan)
         batches = _batches(7, 1)
@@ -144,6 +148,7 @@ def test_pseudo_gradients_work_at_every_zero_stage():
         assert len(moe_blocks(engine.model)) == 2
     _assert_same(results[2].adapters, results[0].adapters, rtol=1e-5, atol=1e-5)
     assert relative_difference(results[3].adapters, results[0].adapters) <= 1e-5
+    assert relative_difference(results["3p"].adapters, results[0].adapters) <= 1e-5
 
 
 def _zero3(tmp_path, persistence):

@@ -8,6 +8,8 @@ from pipeline.algorithms.flora import stack
 from pipeline.config import Tier
 
 R_MAX, ALPHA = 4, 8.0
+# The LoRA scale a rank-r client trains with: alpha = 2 r (default) or the model's fixed alpha.
+SCALES = {"2r": lambda r: 2.0, "fixed": lambda r: ALPHA / r}
 INFO = ModelInfo(num_layers=1, num_experts=3, k_max=2, lora_rank=R_MAX, lora_alpha=ALPHA)
 TIERS = [Tier(0, "low", 0.25, 1, 1, 1.0), Tier(1, "mid", 0.5, 1, 2, 1.0), Tier(2, "high", 1.0, 2, 4, 1.0)]
 SHAPES = {"m.mlp.lora_gate_up_A": (3, R_MAX, 5), "m.mlp.lora_gate_up_B": (3, 6, R_MAX),
@@ -41,11 +43,12 @@ def _run(name, clients, options=None):
     return s
 
 
-def _weighted_products(clients):
+def _weighted_products(clients, scaling="2r"):
     total = sum(n for _, _, n in clients)
     out = {}
     for key, a, b in lm.lora_pairs(SHAPES):
-        out[key] = sum((n / total) * ALPHA / t.lora_rank * lm.product(ad[a], ad[b]) for t, ad, n in clients)
+        out[key] = sum((n / total) * SCALES[scaling](t.lora_rank) * lm.product(ad[a], ad[b])
+                       for t, ad, n in clients)
     return out
 
 
@@ -58,7 +61,8 @@ def test_lora_pairs_and_svd_factors_reproduce_truncated_svd():
     torch.testing.assert_close(b @ a, u[..., :2] @ torch.diag_embed(s[..., :2]) @ vh[..., :2, :])
 
 
-def test_flora_stacked_product_equals_weighted_sum_of_products():
+@pytest.mark.parametrize("scaling", ["2r", "fixed"])
+def test_flora_stacked_product_equals_weighted_sum_of_products(scaling):
     gen = torch.Generator().manual_seed(1)
     a_list = [torch.randn(r, 5, generator=gen) for r in (1, 2, 4)]
     b_list = [torch.randn(7, r, generator=gen) for r in (1, 2, 4)]
@@ -68,31 +72,33 @@ def test_flora_stacked_product_equals_weighted_sum_of_products():
     torch.testing.assert_close(b_st @ a_st, sum(w * b @ a for w, a, b in zip(p, a_list, b_list)))
     # Through the strategy: the merged base delta is exactly the weighted sum, LoRA reset.
     clients = _clients()
-    s = _run("flora", clients)
-    for key, want in _weighted_products(clients).items():
+    s = _run("flora", clients, {"lora_alpha": scaling})
+    for key, want in _weighted_products(clients, scaling).items():
         torch.testing.assert_close(s.base_delta()[key].double(), want, rtol=1e-5, atol=1e-5)
     for k, v in s.global_adapters.items():
         assert torch.equal(v, s.fresh[k])
 
 
-def test_flexlora_redistributes_the_truncated_svd_of_the_weighted_sum():
+@pytest.mark.parametrize("scaling", ["2r", "fixed"])
+def test_flexlora_redistributes_the_truncated_svd_of_the_weighted_sum(scaling):
     clients = _clients()
-    s = _run("flexlora", clients)
+    s = _run("flexlora", clients, {"lora_alpha": scaling})
     for key, a, b in lm.lora_pairs(SHAPES):
-        w = _weighted_products(clients)[key]
+        w = _weighted_products(clients, scaling)[key]
         u, sv, vh = torch.linalg.svd(w, full_matrices=False)
         for tier in TIERS:
             r = tier.lora_rank
             start = s.eval_adapters(tier)
-            got = ALPHA / r * lm.product(start[a], start[b])  # what a rank-r client computes
+            got = SCALES[scaling](r) * lm.product(start[a], start[b])  # what a rank-r client computes
             want = u[..., :r] @ torch.diag_embed(sv[..., :r]) @ vh[..., :r, :]
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
             assert torch.all(start[a][..., r:, :] == 0) and torch.all(start[b][..., r:] == 0)
 
 
-def test_fedex_residual_makes_the_aggregate_exact():
+@pytest.mark.parametrize("scaling", ["2r", "fixed"])
+def test_fedex_residual_makes_the_aggregate_exact(scaling):
     clients = _clients()
-    s = _run("fedex-lora", clients)
+    s = _run("fedex-lora", clients, {"lora_alpha": scaling})
     total = sum(n for _, _, n in clients)
     for key, a, b in lm.lora_pairs(SHAPES):
         # The global factors are FedIT's zero-padded average of (A, s B) ...
@@ -100,20 +106,22 @@ def test_fedex_residual_makes_the_aggregate_exact():
         torch.testing.assert_close(s.global_adapters[a], avg_a.float(), rtol=1e-5, atol=1e-6)
         # ... and base delta + s B_bar A_bar is the exact weighted sum of products.
         full = s.base_delta()[key].double() + lm.product(s.global_adapters[a], s.global_adapters[b])
-        torch.testing.assert_close(full, _weighted_products(clients)[key], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(full, _weighted_products(clients, scaling)[key], rtol=1e-5, atol=1e-5)
 
 
-def test_hetlora_norm_weighted_zero_padded_average():
+@pytest.mark.parametrize("scaling", ["2r", "fixed"])
+def test_hetlora_norm_weighted_zero_padded_average(scaling):
     clients = _clients()
-    s = _run("hetlora", clients, {"prune": False})
+    s = _run("hetlora", clients, {"prune": False, "lora_alpha": scaling})
+    scale = SCALES[scaling]
     norms = []
     for t, ad, _ in clients:
-        sq = sum((ALPHA / t.lora_rank * lm.product(ad[a], ad[b])).pow(2).sum() for _, a, b in lm.lora_pairs(SHAPES))
+        sq = sum((scale(t.lora_rank) * lm.product(ad[a], ad[b])).pow(2).sum() for _, a, b in lm.lora_pairs(SHAPES))
         norms.append(sq.sqrt())
     w = torch.stack(norms) / sum(norms)
     for _, a, b in lm.lora_pairs(SHAPES):
         want_a = sum(wi * ad[a].double() for wi, (_, ad, _) in zip(w, clients))
-        want_b = sum(wi * ad[b].double() * ALPHA / t.lora_rank for wi, (t, ad, _) in zip(w, clients))
+        want_b = sum(wi * ad[b].double() * scale(t.lora_rank) for wi, (t, ad, _) in zip(w, clients))
         torch.testing.assert_close(s.global_adapters[a], want_a.float(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(s.global_adapters[b], want_b.float(), rtol=1e-5, atol=1e-6)
 
@@ -137,3 +145,39 @@ def test_state_roundtrip(name):
         assert torch.equal(t.global_adapters[k], v)
     for k, v in s.base_delta().items():
         assert torch.equal(t.base_delta()[k], v)
+
+
+def test_hetlora_tail_norm_is_per_expert_and_empty_at_rank_two():
+    s = build_strategy("hetlora", {}, INFO, TIERS)  # gamma 0.75
+    ad = _random(torch.Generator().manual_seed(4))
+    # rank 4: tail = component 3; the expert tensor is 3 matrices, attention LoRA one
+    attention = ad["m.q_proj.lora_B"][:, 3].norm() * ad["m.q_proj.lora_A"][3].norm()
+    per_expert = sum(ad["m.mlp.lora_gate_up_B"][e, :, 3].norm() * ad["m.mlp.lora_gate_up_A"][e, 3].norm()
+                     for e in range(3))
+    whole_stack = ad["m.mlp.lora_gate_up_B"][..., 3].norm() * ad["m.mlp.lora_gate_up_A"][:, 3].norm()
+    s.init_state(ad)
+    torch.testing.assert_close(s.tail_norm(ad, 4), per_expert + attention)
+    assert not torch.isclose(per_expert, whole_stack)  # the old reading gives another penalty
+    assert s.tail(2) == (2, 2) and s.tail_norm(ad, 2) == 0  # rank 2 at gamma 0.75: nothing
+    assert s.extra_loss(None, s.plan(0, 1, TIERS[1], seed=0)) is None
+
+
+def test_hetero_rank_model_scale_follows_the_lora_alpha_option():
+    from pipeline.model import build_model, patch_olmoe, set_lora_rank
+    from pipeline.model.adapters import lora_modules
+    from tests.model.conftest import SMALL_OLMOE
+
+    model = patch_olmoe(build_model(SMALL_OLMOE, seed=0), lora_rank=R_MAX, lora_alpha=ALPHA)
+    for scaling in ("2r", "fixed"):
+        s = build_strategy("flexlora", {"lora_alpha": scaling}, INFO, TIERS)
+        s.configure_model(model, None)
+        for r in (1, 2, 4):
+            set_lora_rank(model, r)
+            assert {m.scale for m in lora_modules(model)} == {SCALES[scaling](r)} == {s.lora_scale(r)}
+
+
+def test_bad_lora_alpha_option_is_one_clear_error():
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="algorithm.options.lora_alpha: must be one of 2r, fixed"):
+        build_strategy("fedex-lora", {"lora_alpha": 16}, INFO, TIERS)

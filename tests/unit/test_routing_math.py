@@ -55,14 +55,14 @@ def _routing():
 
 def test_pseudo_gradients_reach_inactive_experts_only_and_scale_with_rho():
     grads, indices, probs = _routing()
-    add = rm.pseudo_gradients(grads, indices, probs, rho_c=0.5)
+    add = rm.pseudo_gradients(grads, indices, probs, rho_c=0.5, scope="inactive")
     w0, w1 = 0.6 + 0.7, 0.5
     g_bar = (w0 * grads[0] + w1 * grads[1]) / (w0 + w1)
     pi = (probs * torch.tensor([[0, 1, 1, 1], [1, 0, 1, 1], [0, 1, 1, 1]])).sum(0) / 3
     assert torch.equal(add[0], torch.zeros(2)) and torch.equal(add[1], torch.zeros(2))
     torch.testing.assert_close(add[2], 0.5 * pi[2] * g_bar)
     torch.testing.assert_close(add[3], 0.5 * pi[3] * g_bar)
-    torch.testing.assert_close(rm.pseudo_gradients(grads, indices, probs, rho_c=1.0), 2 * add)
+    torch.testing.assert_close(rm.pseudo_gradients(grads, indices, probs, rho_c=1.0, scope="inactive"), 2 * add)
     everyone = rm.pseudo_gradients(grads, indices, probs, 0.5, scope="all")
     torch.testing.assert_close(everyone[0], 0.5 * pi[0] * g_bar)
 
@@ -145,8 +145,8 @@ def test_group_summed_pseudo_gradients_over_two_shards_equal_the_whole_batch(sco
 def test_pseudo_gradients_from_shard_statistics_alone_would_differ():
     """The test above is not vacuous: one shard's own statistics give another add."""
     probs, indices, grad = _whole_batch()
-    whole = rm.pseudo_gradients(grad, indices, probs, 0.75)
-    alone = rm.pseudo_gradients(grad, indices[:6], probs[:6], 0.75)
+    whole = rm.pseudo_gradients(grad, indices, probs, 0.75, "inactive")
+    alone = rm.pseudo_gradients(grad, indices[:6], probs[:6], 0.75, "inactive")
     assert not torch.allclose(alone, whole)
 
 

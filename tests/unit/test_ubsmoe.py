@@ -3,6 +3,7 @@ and the pseudo-gradient hook on a real block."""
 import copy
 import math
 
+import pytest
 import torch
 
 from pipeline.algorithms import ClientUpdate, ModelInfo, build_strategy
@@ -80,7 +81,8 @@ def test_expert_wise_aggregation_weights_each_expert_by_its_routed_tokens():
     torch.testing.assert_close(s.global_adapters[q], 0.25 * clients[0][1][q] + 0.75 * clients[1][1][q])
 
 
-def test_pg_hook_gives_gradients_to_inactive_experts_only_scaled_by_rho():
+@pytest.mark.parametrize("space", ["weight", "factors"])
+def test_pg_scope_inactive_gives_gradients_to_inactive_experts_only_scaled_by_rho(space):
     config = dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
                   max_position_embeddings=64, eos_token_id=None, pad_token_id=0)
@@ -99,7 +101,8 @@ def test_pg_hook_gives_gradients_to_inactive_experts_only_scaled_by_rho():
     def grad_with(rho_kind):
         m = copy.deepcopy(model)
         if rho_kind is not None:
-            s = build_strategy("ubsmoe", {"rho": rho_kind}, info, [tier])
+            s = build_strategy("ubsmoe", {"rho": rho_kind, "pg_scope": "inactive", "pg_space": space},
+                               info, [tier])
             s.configure_model(m, s.plan(0, 1, tier, seed=0))
         m(ids, labels=ids).loss.backward()
         block = moe_blocks(m)[0]
