@@ -2,12 +2,12 @@
 
 Prints ratios, asserts nothing. Each rank plays one client group of one rank whose clients'
 contributions (float64 tensors, adapter-sized pieces plus a weight, totalling SIZE) were added
-into a `PackedSums` as they finished, as the runner does. Timed is what the runner does at the
-end of a round: agree on the key layout (a small allgather; in the runner it rides on the
+into a `PackedSums` as they finished, as the round loop does. Timed is what the round loop does at the
+end of a round: agree on the key layout (a small allgather; in the round loop it rides on the
 round's metadata exchange, which happens anyway), `Allreduce(IN_PLACE)` on the PackedSums'
 buffers, and the views of the result. The reference is `Allreduce(IN_PLACE)` on one
 preallocated numpy buffer of the same bytes: the floor. For comparison, `pack` is the path
-for a plain dict of sums: the same plus a copy into a fresh buffer (the runner's path before
+for a plain dict of sums: the same plus a copy into a fresh buffer (the round loop's path before
 PackedSums).
 
     mpiexec -n 4 python -m mpi4py bench/aggregate.py [--sizes-mb 1 4 16 64 256] [--tensor-kb 512]

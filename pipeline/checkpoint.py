@@ -28,7 +28,7 @@ from pipeline.errors import RetryableError, UserError
 TENSORS = "state.safetensors"
 META = "state.json"
 MANIFEST = "manifest.json"
-# state.json's fields as runner.save_round writes them; a wrong type is damage, not a crash later
+# state.json's fields as outputs.save_round writes them; a wrong type is damage, not a crash later
 META_FIELDS = {"round": int, "metrics_offset": int, "algorithm": str, "strategy": dict}
 _KINDS = {int: "an integer", str: "a string", dict: "a JSON object"}
 

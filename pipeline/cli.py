@@ -1,4 +1,4 @@
-"""`fedmoe` command line: parse, validate, hand over to the runner. No training logic here."""
+"""`fedmoe` command line: parse, validate, hand over to federation/commands. No training logic here."""
 from __future__ import annotations
 
 import argparse
@@ -163,7 +163,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         cfg = load_config(args.config, args.overrides)
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.algorithm.name}-seed{cfg.seed}"
         _quiet_libraries()
-        from pipeline.federation.runner import RoundFailed, start_run
+        from pipeline.federation.commands import start_run
+        from pipeline.federation.rounds import RoundFailed
 
         try:
             start_run(cfg, out, args.overwrite)
@@ -173,7 +174,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         return 0
     if args.command == "resume":
         _quiet_libraries()
-        from pipeline.federation.runner import RoundFailed, resume_run
+        from pipeline.federation.commands import resume_run
+        from pipeline.federation.rounds import RoundFailed
 
         try:
             resume_run(Path(args.run_dir))
@@ -226,7 +228,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         return 0
     if args.command == "report":
         from pipeline.eval.report import write_report
-        from pipeline.federation.runner import is_run_dir
+        from pipeline.federation.rundir import is_run_dir
 
         run_dir = Path(args.run_dir)
         if not is_run_dir(run_dir):

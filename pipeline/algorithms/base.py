@@ -2,7 +2,7 @@
 
 A strategy sees adapters (flat `dict[str, Tensor]`), tier settings and counts; never MPI,
 torch.distributed or DeepSpeed. Aggregation is map-reduce: `contribution(update)` maps one
-client update to tensors that are summed over clients (by the runner, or by one collective
+client update to tensors that are summed over clients (by the round loop, or by one collective
 across client groups), then `finalize(sums)` makes the new global state.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Typed, range-checked method options (`algorithm.options`).
 
 Each strategy declares its options as `option_spec = {"name": Option(...)}`; the strategy's
-constructor checks the user's values against it, and `runner.setup` builds the strategy once
+constructor checks the user's values against it, and `assembly.setup` builds the strategy once
 before the model loads, so a wrong type or an out-of-range value is a one-line error (exit 2)
 before anything is written, not a crash in round 1.
 """

@@ -100,21 +100,6 @@ class Guard:
                 f"train.on_divergence: warn in {fed.run_dir}/config.yaml, then `fedmoe resume {fed.run_dir}`")
 
 
-def halt(fed, round_: int, message: str) -> None:
-    """After the round's checkpoint: close the run's record and report, then stop (exit 2)."""
-    import torch
-
-    fed.metrics.log("run", status="diverged", round=round_)  # after the checkpoint's offset
-    fed.metrics.close()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    if fed.writes:
-        from pipeline.eval.report import write_report
-
-        write_report(fed.run_dir)
-    raise Diverged(f"round {round_}: {message}")
-
-
 def report_lines(events: list[dict]) -> list[str]:
     """report.md's warnings: divergence per tier, records cut before tokenization."""
     lines = []

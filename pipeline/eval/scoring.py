@@ -18,7 +18,7 @@ from ..data.tasks import Example
 
 __all__ = ["evaluate_choices", "evaluate_examples", "option_scores", "MAX_LENGTH"]
 
-MAX_LENGTH = 512  # tokens of prompt and option an evaluation keeps (the runner uses the default)
+MAX_LENGTH = 512  # tokens of prompt and option an evaluation keeps (a run uses the default)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 (Under torchrun-style launchers the comms are federation/torchcomm.TorchComm, the same API on gloo.)
 
-Each group sums its own clients' `contribution` tensors into `PackedSums` (runner): one
+Each group sums its own clients' `contribution` tensors into `PackedSums` (rounds.run_round): one
 contiguous buffer per wire dtype in sorted-key order. The group leaders then agree on the union
 of keys, shapes and dtypes (one small `allgather` of key lists; a key a group lacks is zeros),
 sum the buffers with `Allreduce(IN_PLACE)` on numpy views (tensors are never pickled; a plain

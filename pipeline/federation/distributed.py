@@ -1,6 +1,6 @@
 """The round loop's MPI glue: who logs, the end-of-round collective, and a watchdog.
 
-`runner.run_round` trains only this group's clients and then calls `reduce_round`, which
+`rounds.run_round` trains only this group's clients and then calls `reduce_round`, which
 replaces the group's sums, expert loads, accepted clients and updates with the whole world's.
 Only world rank 0 writes files: the other ranks' `client`/`reject` events travel with the
 round's collective and rank 0 logs them in client order, as the single-process run does.

@@ -1,6 +1,6 @@
 """Evaluating a global model per tier (every round of a run, and `fedmoe eval`).
 
-`evaluate_tiers` puts the model at each tier's setting (top-k, LoRA rank, adapters) and scores
+`evaluate_round` logs a round's evaluation; `evaluate_tiers` puts the model at each tier's setting (top-k, LoRA rank, adapters) and scores
 the held-out set in the configured mode; `evaluate_run` does it for a saved checkpoint, at the
 tiers' own top-k or at any top-k the user names.
 """
@@ -17,11 +17,26 @@ from pipeline.config import EVAL_MODES, Config, EvalConfig, Tier
 from pipeline.errors import UserError
 from pipeline.eval.metrics import eval_tables
 from pipeline.eval.scoring import evaluate_examples
-from pipeline.federation import restore
+from pipeline.federation import restore, rundir
+from pipeline.federation.assembly import Federation, evaluates, setup
 from pipeline.federation.inputs import FederatedData, resolve_source
 from pipeline.model import load_adapter_state, set_base_delta, set_lora_rank, set_top_k
 
 console = Console()
+
+
+def evaluate_round(fed: Federation, round_: int) -> list[dict]:
+    """The round's `eval` events, one per tier, with its training cost and balance (world rank 0)."""
+    if not evaluates(fed):  # other ranks hold the same state; rank 0 evaluates it
+        return []
+    rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data, fed.cfg.eval, round_,
+                          fed.engine.load_adapters)
+    if not fed.writes:
+        return []
+    for row in rows:
+        row.update(fed.tier_stats.get(row["tier"], {}))  # the latest round's training cost and balance
+        fed.metrics.log("eval", **row)
+    return rows
 
 
 def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: FederatedData, eval_cfg: EvalConfig,
@@ -60,10 +75,8 @@ def evaluate_run(run_dir: Path, checkpoint_path: Path | None = None, top_ks: lis
                  mode: str | None = None) -> list[dict]:
     """`fedmoe eval`: the latest intact checkpoint (the final state once a run finished), every tier at
     its own top-k or at each of `top_ks`, in `mode` (default: the run's eval.mode)."""
-    from pipeline.federation.runner import _run_config, setup  # runner imports this module
-
     run_dir = Path(run_dir)
-    cfg = _run_config(run_dir)
+    cfg = rundir.run_config(run_dir)
     if mode is not None and mode not in EVAL_MODES:
         raise UserError(f"--mode: must be choice or generate, got {mode!r}")
     if top_ks:  # checked against the model's config before the weights and data load

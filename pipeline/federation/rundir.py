@@ -156,3 +156,18 @@ class Start:
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "metrics.jsonl").exists()
+
+
+def run_config(run_dir: Path):
+    """The config of an existing run directory (UserError when it is not one)."""
+    from pipeline.config import load_config
+
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory")
+    if not is_run_dir(run_dir):
+        raise UserError(f"{run_dir}: not a fedmoe run (no config.yaml and metrics.jsonl)")
+    return load_config(run_dir / "config.yaml")

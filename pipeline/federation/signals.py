@@ -2,7 +2,7 @@
 
 SLURM's `--signal=B:USR1@120` warns the batch script 120 s before the time limit, and
 `slurm/fedmoe.sbatch` forwards the signal to every rank. The handler only sets a flag. The
-round loop (`runner.run_round`) starts no new client once the flag is set (the client in
+round loop (`rounds.run_round`) starts no new client once the flag is set (the client in
 training finishes its local steps), and before the round's aggregation every rank agrees on
 stopping: a group that stopped early must not be summed with groups that did not, so one MPI
 max over the world decides, and if any rank stopped, every rank abandons the round. The last
@@ -66,9 +66,7 @@ def agree(topology, timeout: float) -> bool:
 
 
 def pause(fed, stop: Preempted, save_round) -> None:
-    """Checkpoint the completed rounds if the newest checkpoint is older, then close the run."""
-    import torch
-
+    """Checkpoint the completed rounds if the newest checkpoint is older (every rank calls it)."""
     from pipeline import checkpoint
 
     behind = None
@@ -79,10 +77,3 @@ def pause(fed, stop: Preempted, save_round) -> None:
         behind = fed.topology.world.bcast(behind, root=0)
     if behind:
         save_round(fed, stop.completed, offset=stop.metrics_offset)
-    if fed.writes:
-        # After the offset: a resumed run truncates it away with the abandoned round's events.
-        fed.metrics.log("run", status="stopped", round=stop.completed)
-        print(f"fedmoe: {stop}; `fedmoe resume {fed.run_dir}` continues from it", flush=True)
-    fed.metrics.close()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()

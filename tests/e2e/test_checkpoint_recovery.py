@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline import checkpoint
 from pipeline.cli import main
-from pipeline.federation import runner, signals
+from pipeline.federation import commands, signals
 
 from .conftest import fedmoe
 
@@ -114,7 +114,7 @@ def test_permanent_errors_exit_2_and_retryable_ones_exit_1(run, capsys, monkeypa
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(checkpoint, "save_file", failing)
-    monkeypatch.setattr(runner, "resume_run", lambda run_dir: checkpoint.save_checkpoint(
+    monkeypatch.setattr(commands, "resume_run", lambda run_dir: checkpoint.save_checkpoint(
         run_dir, 4, {"adapters/x": torch.zeros(1)}, {"strategy": {}, "metrics_offset": 0, "algorithm": "smoe"}))
     assert main(["resume", str(run)]) == 1
     err = _one_line(capsys)

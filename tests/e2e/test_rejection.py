@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.config import load_config
-from pipeline.federation import runner
+from pipeline.federation import assembly, rounds
 
 from .conftest import TINY
 
@@ -13,11 +13,11 @@ from .conftest import TINY
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     cfg = load_config(TINY, ["logging.progress=false", "checkpoint.save_merged=false"])
-    return runner.build(cfg, tmp_path_factory.mktemp("reject"), None)
+    return assembly.build(cfg, tmp_path_factory.mktemp("reject"), None)
 
 
 def _poison(monkeypatch, bad_clients, how):
-    real = runner.train_client
+    real = rounds.train_client
 
     def poisoned(fed_, client, round_, progress):
         update = real(fed_, client, round_, progress)
@@ -26,7 +26,7 @@ def _poison(monkeypatch, bad_clients, how):
             update.adapters[key] = how(update.adapters[key])
         return update
 
-    monkeypatch.setattr(runner, "train_client", poisoned)
+    monkeypatch.setattr(rounds, "train_client", poisoned)
     return real
 
 
@@ -35,11 +35,11 @@ def _poison(monkeypatch, bad_clients, how):
                                  lambda t: t * float("inf")])
 def test_bad_update_is_rejected_and_the_rest_aggregated(fed, monkeypatch, how):
     round_ = 1
-    clients = runner.sample_clients(fed.cfg.federation.clients, fed.cfg.federation.clients_per_round,
+    clients = rounds.sample_clients(fed.cfg.federation.clients, fed.cfg.federation.clients_per_round,
                                     fed.cfg.seed, round_)
     start = {k: v.clone() for k, v in fed.strategy.global_adapters.items()}
     real = _poison(monkeypatch, {clients[0]}, how)
-    runner.run_round(fed, round_, None)
+    rounds.run_round(fed, round_, None)
     aggregated = fed.strategy.global_adapters
     # With one accepted client the weighted average is that client's own adapters.
     fed.strategy.global_adapters = start
@@ -54,7 +54,7 @@ def test_bad_update_is_rejected_and_the_rest_aggregated(fed, monkeypatch, how):
 def test_round_fails_cleanly_when_too_few_clients_report(fed, monkeypatch):
     start = {k: v.clone() for k, v in fed.strategy.global_adapters.items()}
     _poison(monkeypatch, set(range(fed.cfg.federation.clients)), lambda t: t * float("nan"))
-    with pytest.raises(runner.RoundFailed, match="0 of 2 clients reported"):
-        runner.run_round(fed, 1, None)
+    with pytest.raises(rounds.RoundFailed, match="0 of 2 clients reported"):
+        rounds.run_round(fed, 1, None)
     for k, v in start.items():
         assert torch.equal(fed.strategy.global_adapters[k], v)

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from pipeline.cli import main
-from pipeline.federation import runner
+from pipeline.config import load_config
+from pipeline.federation import commands, evaluation
 from pipeline.federation.rundir import LOCK_FILE, RunLock
 
 from .conftest import REPO, TINY, fedmoe
@@ -86,14 +87,14 @@ def test_overwrite_restores_the_old_run_when_the_start_fails(tmp_path, monkeypat
     def broken(*args, **kwargs):  # a failure after the directory was claimed, before round 0 is saved
         raise RuntimeError("evaluation broke")
 
-    monkeypatch.setattr(runner, "evaluate", broken)
-    cfg = runner.load_config(TINY, ["federation.rounds=1"])
+    monkeypatch.setattr(evaluation, "evaluate_round", broken)
+    cfg = load_config(TINY, ["federation.rounds=1"])
     with pytest.raises(RuntimeError, match="evaluation broke"):
-        runner.start_run(cfg, old, overwrite=True)
+        commands.start_run(cfg, old, overwrite=True)
     assert _snapshot(old) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # nothing left beside it
     with pytest.raises(RuntimeError):
-        runner.start_run(cfg, tmp_path / "fresh", overwrite=False)
+        commands.start_run(cfg, tmp_path / "fresh", overwrite=False)
     assert not (tmp_path / "fresh").exists()  # a failed fresh start leaves nothing
 
 

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.eval.report import LOW_LOAD, balance_stats, load_summary, write_report
+from pipeline.eval.balance import LOW_LOAD, balance_stats
+from pipeline.eval.report import load_summary, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,5 +1,5 @@
 """Strategies are map-reduce: contributions computed in different processes (client groups),
-summed, and finalized everywhere give the state of one process doing it all (the MPI runner
+summed, and finalized everywhere give the state of one process doing it all (the MPI round loop
 relies on this: a group only sees its own clients' updates)."""
 import pytest
 import torch

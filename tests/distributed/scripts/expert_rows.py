@@ -12,7 +12,7 @@ from pathlib import Path
 from mpi4py import MPI
 
 from pipeline.config import load_config
-from pipeline.federation import runner
+from pipeline.federation import assembly, commands, rounds
 from pipeline.federation.expert_shards import is_expert_key
 
 rank = MPI.COMM_WORLD.Get_rank()
@@ -26,7 +26,7 @@ def note(where, tensors):
     rows.setdefault(where, set()).update(v.shape[0] for k, v in tensors.items() if is_expert_key(k))
 
 
-real_train, real_reduce, real_build = runner.train_client, runner.reduce_round, runner.build
+real_train, real_reduce, real_build = rounds.train_client, rounds.reduce_round, assembly.build
 
 
 def train_client(fed, *args, **kwargs):
@@ -53,8 +53,8 @@ def build(*args, **kwargs):
     return fed
 
 
-runner.train_client, runner.reduce_round, runner.build = train_client, reduce_round, build
-runner.start_run(cfg, run_dir, overwrite=False)
+rounds.train_client, rounds.reduce_round, assembly.build = train_client, reduce_round, build
+commands.start_run(cfg, run_dir, overwrite=False)
 shards = fed_box["fed"].shards
 (run_dir.parent / f"expert-rows-{rank}.json").write_text(json.dumps(
     {"range": list(shards.range), "rows": {k: sorted(v) for k, v in rows.items()}}))

@@ -12,7 +12,7 @@ import torch
 from mpi4py import MPI
 
 from pipeline.config import load_config
-from pipeline.federation import runner
+from pipeline.federation import assembly, rounds
 
 comm = MPI.COMM_WORLD
 rank = comm.Get_rank()
@@ -20,10 +20,10 @@ cfg = load_config(sys.argv[1], ["logging.progress=false", "checkpoint.save_merge
                                 "federation.clients_per_round=3", "federation.min_clients=1",
                                 "federation.collective_timeout=120"])
 run_dir = Path(sys.argv[2])
-fed = runner.build(cfg, run_dir, None)
-real = runner.train_client
+fed = assembly.build(cfg, run_dir, None)
+real = rounds.train_client
 round_ = 1
-clients = runner.sample_clients(cfg.federation.clients, cfg.federation.clients_per_round, cfg.seed, round_)
+clients = rounds.sample_clients(cfg.federation.clients, cfg.federation.clients_per_round, cfg.seed, round_)
 tiers = [t.name for t in fed.client_tiers]
 per_group = fed.topology.layout.assign(clients, tiers)
 assert all(per_group), f"each group needs a client for this test: {per_group}"
@@ -42,9 +42,9 @@ def faulty(fed_, client, r, progress):
     return update
 
 
-runner.train_client = faulty
+rounds.train_client = faulty
 start = {k: v.clone() for k, v in fed.strategy.global_adapters.items()}
-runner.run_round(fed, round_, None)
+rounds.run_round(fed, round_, None)
 after = {k: v.clone() for k, v in fed.strategy.global_adapters.items()}
 # Every rank holds the same state, and it is the good clients' weighted average, as computed
 # here from scratch (groups of one rank can train any client alone).
@@ -58,11 +58,11 @@ for k in after:
     torch.testing.assert_close(after[k], want.float(), rtol=1e-6, atol=1e-7, msg=k)
 
 # Nobody reports: RoundFailed on every rank, nothing changes.
-runner.train_client = lambda *a: (_ for _ in ()).throw(ValueError("all down"))
+rounds.train_client = lambda *a: (_ for _ in ()).throw(ValueError("all down"))
 fed.strategy.global_adapters = {k: v.clone() for k, v in after.items()}
 try:
-    runner.run_round(fed, 2, None)
-except runner.RoundFailed as exc:
+    rounds.run_round(fed, 2, None)
+except rounds.RoundFailed as exc:
     failed = str(exc)
 else:
     failed = None
@@ -75,7 +75,7 @@ if rank == 0:
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     rejects = [(e["round"], e["client"]) for e in events if e["event"] == "reject"]
     assert (1, raising) in rejects and (1, poisoned) in rejects, rejects
-    assert {(2, c) for c in runner.sample_clients(cfg.federation.clients, 3, cfg.seed, 2)} <= set(rejects)
+    assert {(2, c) for c in rounds.sample_clients(cfg.federation.clients, 3, cfg.seed, 2)} <= set(rejects)
     logged = [e["client"] for e in events if e["event"] == "client"]
     assert logged == sorted(good), (logged, good)
     reason = next(e["reason"] for e in events if e["event"] == "reject" and e["client"] == raising)

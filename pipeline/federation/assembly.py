@@ -1,0 +1,114 @@
+"""Assembling a run: the model, tokenizer, tiers, strategy and data it reads, then the engine,
+topology and metrics that make a `Federation`, the state held between rounds."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.algorithms import ModelInfo, Strategy, build_strategy
+from pipeline.config import Config, Tier, resolve_tiers
+from pipeline.engine.client import ClientEngine
+from pipeline.engine.determinism import use_deterministic_kernels
+from pipeline.eval.metrics import MetricsLogger
+from pipeline.federation.distributed import GroupMetrics
+from pipeline.federation.expert_shards import ExpertShards
+from pipeline.federation.inputs import FederatedData, load_federated_data, load_patched_model
+from pipeline.federation.sampling import ADAPTER_INIT, assign_tiers, derive_seed
+from pipeline.federation.topology import Topology, current_topology
+from pipeline.model import init_adapter_state
+from pipeline.model.routing import enable_routing_modulation, set_record_routing
+
+
+@dataclass
+class Federation:
+    """Everything a run holds between rounds."""
+
+    cfg: Config
+    run_dir: Path
+    tiers: list[Tier]
+    client_tiers: list[Tier]
+    data: FederatedData
+    tokenizer: object
+    engine: ClientEngine
+    strategy: Strategy
+    metrics: MetricsLogger
+    tier_stats: dict = field(default_factory=dict)
+    topology: Topology | None = None  # this rank's client group under MPI (None: one process)
+    shards: ExpertShards | None = None  # this rank's experts, when the method aggregates by shard
+    sums_layout: list = field(default_factory=list)  # the last round's agreed PackedSums layout
+
+    @property
+    def writes(self) -> bool:  # only world rank 0 writes metrics, checkpoints and outputs
+        return self.topology is None or self.topology.writes
+
+
+def setup(cfg: Config):
+    """Model, tokenizer, tiers, strategy (with its initial state) and data: all a run reads."""
+    build_strategy(cfg.algorithm.name, cfg.algorithm.options, None, [])  # name, options: before the model loads
+    use_deterministic_kernels(cfg.train.deterministic)
+    model, tokenizer = load_patched_model(cfg.model)
+    torch.manual_seed(cfg.seed)  # nothing should draw from it; pinned anyway
+    mcfg = model.config
+    tiers = resolve_tiers(cfg, mcfg.num_experts, mcfg.num_experts_per_tok)
+    info = ModelInfo(mcfg.num_hidden_layers, mcfg.num_experts, mcfg.num_experts_per_tok,
+                     cfg.model.lora.rank, cfg.model.lora.alpha)
+    strategy = build_strategy(cfg.algorithm.name, cfg.algorithm.options, info, tiers)
+    apply_model_features(model, strategy, cfg)
+    strategy.init_state(init_adapter_state(model, derive_seed(cfg.seed, ADAPTER_INIT)))
+    data = load_federated_data(cfg, tokenizer)
+    return model, tokenizer, tiers, strategy, data
+
+
+def apply_model_features(model, strategy: Strategy, cfg: Config) -> None:
+    """What the method needs of the model (DMR's phi, routing records), before the engine exists."""
+    features = strategy.model_features
+    if features.get("routing_modulation"):
+        enable_routing_modulation(model, features["routing_modulation"])
+    if features.get("record_routing"):
+        set_record_routing(model, True)
+
+
+def build(cfg: Config, run_dir: Path, resume_offset: int | None, parts=None) -> Federation:
+    model, tokenizer, tiers, strategy, data = parts or setup(cfg)
+    topology = current_topology(cfg)
+    topology.init_torch(cfg.federation.master_port)  # this group's own torch.distributed world
+    engine = ClientEngine(model, cfg.train, cfg.deepspeed, ep_size=tier_ep_size(cfg, topology.group.tier))
+    shards = expert_shards(cfg, topology, strategy, model.config.num_experts)
+    if shards is not None:  # from here on this rank holds only its experts' adapters
+        strategy.shard_experts(*shards.range)
+        engine.sharded_io = True
+    metrics = (MetricsLogger(run_dir, resume_offset=resume_offset, tensorboard=cfg.logging.tensorboard)
+               if topology.writes else None)
+    if topology.distributed:
+        metrics = GroupMetrics(metrics)
+    return Federation(cfg, run_dir, tiers, assign_tiers(cfg.federation.clients, tiers, cfg.seed),
+                      data, tokenizer, engine, strategy, metrics, topology=topology, shards=shards)
+
+
+def tier_ep_size(cfg: Config, tier: str | None) -> int:
+    """A tier's expert-parallel size (1 for the single-process group, whose tier is None)."""
+    return next((t.ep_size for t in cfg.tiers if t.name == tier), 1)
+
+
+def expert_shards(cfg: Config, topology: Topology, strategy: Strategy, num_experts: int) -> ExpertShards | None:
+    """Expert-sharded aggregation when some group is expert-parallel and the method allows it."""
+    if not topology.distributed or not strategy.expert_sharded:
+        return None
+    groups = [(g.size, tier_ep_size(cfg, g.tier)) for g in topology.layout.groups]
+    if max(p for _, p in groups) == 1:
+        return None
+    return ExpertShards(topology.world, topology.rank, groups, num_experts)
+
+
+def evaluates(fed: Federation) -> bool:
+    """Evaluation and export run on world rank 0, and with it the ranks of group 0 whose
+    collectives its forward passes need: under expert parallelism its expert-parallel group,
+    under ZeRO-3 the whole group (every forward and write gathers the partitioned weights)."""
+    topology = fed.topology
+    if topology is None or topology.group.index != 0:
+        return fed.writes
+    if fed.engine.zero_stage == 3:
+        return True
+    return topology.group_rank < fed.engine.ep_size

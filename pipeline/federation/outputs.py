@@ -1,0 +1,88 @@
+"""What a run writes besides metrics.jsonl: round checkpoints, and final/ (the adapters, a
+merging method's base delta, the merged model). Every rank calls these: with expert shards
+the shard writers save their experts' rows, and the export's gathers are collectives."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from safetensors.torch import save_file
+from torch import Tensor
+
+from pipeline import checkpoint
+from pipeline.federation.assembly import Federation, evaluates
+from pipeline.federation.expert_shards import is_expert_key
+from pipeline.model import save_merged, set_base_delta, set_lora_rank, set_top_k
+from pipeline.model.expert_parallel import gathered_experts
+
+
+def save_round(fed: Federation, round_: int, offset: int | None = None) -> None:
+    """Every rank calls it: with expert shards their writers save their rows first."""
+    if fed.shards is None and not fed.writes:
+        return
+    tensors = fed.strategy.state_dict()
+    state, tensors = tensors["meta"], tensors["tensors"]
+    if fed.shards is not None:
+        tensors = stage_expert_rows(fed, checkpoint.staging_dir(fed.run_dir, round_), tensors)
+    if not fed.writes:
+        return
+    offset = fed.metrics.offset() if offset is None else offset
+    checkpoint.save_checkpoint(fed.run_dir, round_, tensors,
+                               {"strategy": state, "metrics_offset": offset,
+                                "algorithm": fed.cfg.algorithm.name},
+                               keep=fed.cfg.checkpoint.keep, staged=fed.shards is not None)
+
+
+def stage_expert_rows(fed: Federation, directory: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The shard writers save their experts' rows of `tensors` into `directory` (emptied
+    first); returns the other tensors, for world rank 0. A collective: every rank calls it."""
+    if fed.writes:
+        checkpoint.clear_dir(directory)
+    fed.topology.barrier()
+    if fed.shards.writes:
+        checkpoint.save_expert_shard(directory, {k: v for k, v in tensors.items() if is_expert_key(k)},
+                                     *fed.shards.range)
+    fed.topology.barrier()
+    return {k: v for k, v in tensors.items() if not is_expert_key(k)}
+
+
+def write_final(fed: Federation) -> Path:
+    """final/adapter.safetensors (+ base_delta.safetensors for merging methods), final/model/.
+    Every rank calls it; with expert shards the adapter file is joined from the writers' rows."""
+    final, tmp = fed.run_dir / "final", fed.run_dir / ".final.tmp"
+    held = adapters = fed.strategy.eval_adapters(None)  # under expert shards: this rank's rows
+    if fed.shards is not None:  # the writers save the expert rows; `adapters` keeps the rest
+        adapters = stage_expert_rows(fed, tmp, held)
+    elif fed.writes:
+        checkpoint.clear_dir(tmp)
+    if fed.writes:
+        shards = checkpoint.expert_shards(tmp)
+        if shards:
+            checkpoint.join_expert_shards(tmp / "adapter.safetensors", adapters, shards)
+            for _, _, path in shards:
+                path.unlink()
+        else:
+            save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / "adapter.safetensors"))
+        delta = fed.strategy.base_delta()
+        if delta:
+            save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp / "base_delta.safetensors"))
+    if fed.cfg.checkpoint.save_merged and evaluates(fed):
+        export_merged(fed, held, tmp / "model")
+    if fed.writes:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    return final
+
+
+def export_merged(fed: Federation, adapters: dict[str, Tensor], out: Path) -> None:
+    """The merged model at full top-k and rank, written by world rank 0. Under expert
+    parallelism its expert-parallel group all-gathers the experts first (gathered_experts):
+    the one place where a rank holds every expert, because the export is the whole model."""
+    model = fed.engine.model
+    fed.engine.load_adapters(adapters)
+    set_base_delta(model, fed.strategy.base_delta())
+    fed.strategy.configure_model(model, None)  # its LoRA scale, as at evaluation
+    set_top_k(model, model.config.num_experts_per_tok)
+    set_lora_rank(model, fed.cfg.model.lora.rank)
+    with gathered_experts(model):  # ZeRO-3: the other ranks take part in save_merged's gathers
+        save_merged(model, out if fed.writes else None, tokenizer=fed.tokenizer)

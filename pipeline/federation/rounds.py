@@ -1,0 +1,232 @@
+"""The synchronous federated run: sample, train each client, aggregate, evaluate, checkpoint.
+
+One process here; the same round loop runs per client group under MPI (federation/topology).
+Rounds are numbered from 1; round 0 is the base model's evaluation and the first checkpoint.
+What the run shows and closes (progress, report, teardown) are callbacks (callbacks.py).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline import checkpoint
+from pipeline.algorithms import ClientUpdate
+from pipeline.config import Config
+from pipeline.data.truncate import CHARS_PER_TOKEN
+from pipeline.errors import RetryableError
+from pipeline.eval.balance import balance_stats
+from pipeline.eval.divergence import Diverged, Guard
+from pipeline.federation import assembly, evaluation, signals
+from pipeline.federation.assembly import Federation
+from pipeline.federation.callbacks import Callback, ProgressDisplay, Report, Teardown, console
+from pipeline.federation.collectives import PackedSums
+from pipeline.federation.distributed import reduce_round
+from pipeline.federation.expert_shards import is_expert_key
+from pipeline.federation.outputs import save_round, write_final
+from pipeline.federation.sampling import LOCAL_DATA, derive_seed, local_batches, sample_clients
+from pipeline.model import flops_per_token, set_base_delta
+
+
+class RoundFailed(RetryableError):
+    """Too few clients reported; the run stays resumable from its last checkpoint."""
+
+
+def train_client(fed: Federation, client: int, round_: int, progress: ProgressDisplay | None) -> ClientUpdate:
+    cfg, strategy = fed.cfg, fed.strategy
+    seed = derive_seed(cfg.seed, LOCAL_DATA, round_, client)
+    plan = strategy.plan(client, round_, fed.client_tiers[client], seed)
+    indices = fed.data.client_indices[client]
+    batches = (fed.data.train_batch(b) for b in
+               local_batches(indices, cfg.train.local_steps, cfg.train.batch_size, seed))
+    strategy.configure_model(fed.engine.model, plan)
+    on_step, done = (progress.client(f"client {client} ({plan.tier.name}, k={plan.top_k})",
+                                     cfg.train.local_steps) if progress is not None else (None, None))
+    result = fed.engine.train(
+        plan.adapters, plan.top_k, plan.lora_rank, batches,
+        extra_loss=lambda m: strategy.extra_loss(m, plan),
+        after_backward=lambda m: strategy.after_backward(m, plan),
+        on_step=on_step)
+    if done is not None:
+        done()
+    counts = result.expert_token_counts
+    tokens = int(round(counts[0].sum().item() / max(plan.top_k, 1)))
+    return ClientUpdate(client, round_, plan.tier, plan.top_k, plan.lora_rank, result.adapters,
+                        n_samples=len(indices), expert_token_counts=counts, tokens=tokens,
+                        metrics={"train_loss": sum(result.losses) / len(result.losses),
+                                 "final_loss": result.losses[-1], "seconds": result.seconds,
+                                 "steps": len(result.losses)},
+                        extras=strategy.client_extras(fed.engine.model, plan))
+
+
+def check_update(update: ClientUpdate, expected: dict[str, torch.Tensor]) -> str | None:
+    """Why an update must be rejected (wrong keys/shapes, non-finite values), else None."""
+    if set(update.adapters) != set(expected):
+        missing = sorted(set(expected) ^ set(update.adapters))
+        return f"adapter keys differ from the plan's: {missing[:3]}"
+    for name, ref in expected.items():
+        value = update.adapters[name]
+        if value.shape != ref.shape:
+            return f"{name}: shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
+        if not torch.isfinite(value).all():
+            return f"{name}: non-finite values"
+    return None
+
+
+def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) -> dict:
+    cfg, strategy = fed.cfg, fed.strategy
+    start = time.perf_counter()
+    clients = sample_clients(cfg.federation.clients, cfg.federation.clients_per_round, cfg.seed, round_)
+    set_base_delta(fed.engine.model, strategy.base_delta())
+    sums = PackedSums(fed.sums_layout, packed=(lambda k: not is_expert_key(k)) if fed.shards else None)
+    load: dict[str, torch.Tensor] = {}
+    accepted, updates = [], []
+    plan_shapes = strategy.global_adapters  # updates must match the global adapters' keys and shapes
+    mine = clients if fed.topology is None else fed.topology.my_clients(
+        clients, [t.name for t in fed.client_tiers])  # under MPI: this group's share
+    offset = fed.metrics.offset()  # the record of the completed rounds, should this one be abandoned
+    for client in mine:
+        if signals.requested():  # SIGUSR1/SIGTERM: the clients not started yet wait for the resumed run
+            break
+        try:
+            update = train_client(fed, client, round_, progress)
+        except (RuntimeError, ValueError, FloatingPointError) as exc:  # one bad client must not end the round
+            fed.metrics.log("reject", round=round_, client=client, reason=f"client raised: {exc}")
+            continue
+        reason = check_update(update, plan_shapes)
+        if reason:
+            fed.metrics.log("reject", round=round_, client=client, reason=reason)
+            continue
+        accepted.append(client)
+        updates.append(update)
+        sums.add(strategy.contribution(update))
+        tier = update.tier.name
+        load[tier] = load.get(tier, 0) + update.expert_token_counts
+        fed.metrics.log("client", round=round_, client=client, tier=tier, top_k=update.top_k,
+                        lora_rank=update.lora_rank, n_samples=update.n_samples, **update.metrics)
+    if signals.agree(fed.topology, cfg.federation.collective_timeout):  # any rank stopped: drop the round
+        raise signals.Preempted(round_ - 1, offset)
+    packed = sums  # every group's sums, loads and updates, identical on all ranks
+    sums, load, accepted, updates = reduce_round(fed.topology, cfg.federation.collective_timeout,
+                                                 fed.metrics, packed, load, accepted, updates, fed.shards)
+    fed.sums_layout = packed.spec
+    if len(accepted) < cfg.federation.min_clients:
+        raise RoundFailed(f"round {round_}: {len(accepted)} of {len(clients)} clients reported, "
+                          f"federation.min_clients={cfg.federation.min_clients}")
+    strategy.finalize(sums)
+    fed.tier_stats = tier_training_stats(fed, updates, load)
+    fed.metrics.log("round", round=round_, seconds=time.perf_counter() - start, clients=accepted,
+                    expert_load={t: v.tolist() for t, v in load.items()}, tiers=fed.tier_stats)
+    return load
+
+
+def tier_training_stats(fed: Federation, updates: list[ClientUpdate], load: dict) -> dict:
+    """Per tier: training FLOPs per token counted from the routed experts, its ratio to the
+    costliest tier, measured seconds per local step, and expert-load balance."""
+    mcfg = fed.engine.model.config
+    lora = fed.cfg.model.lora
+    stats: dict[str, dict] = {}
+    for tier in fed.tiers:
+        mine = [u for u in updates if u.tier.name == tier.name]
+        if not mine:
+            continue
+        tokens = sum(u.tokens for u in mine)
+        routed = sum(u.expert_token_counts.sum(dim=1).mean().item() for u in mine)  # per layer
+        steps = sum(u.metrics["steps"] for u in mine)
+        seq_len = max(1, round(tokens / (steps * fed.cfg.train.batch_size)))
+        flops = flops_per_token(mcfg, top_k=routed / max(tokens, 1), lora_rank=mine[0].lora_rank,
+                                seq_len=seq_len, expert_lora=lora.experts, attention_lora=lora.attention)
+        balance = balance_stats(load[tier.name].numpy())
+        stats[tier.name] = {"train_flops_per_token": flops["train"],
+                            "step_seconds": sum(u.metrics["seconds"] for u in mine) / steps,
+                            "load_cv": balance["cv"], "load_entropy": balance["entropy"],
+                            "dead_expert_share": balance["low_load_share"]}
+    top = max((v["train_flops_per_token"] for v in stats.values()), default=0.0)
+    for v in stats.values():
+        v["flops_vs_top"] = v["train_flops_per_token"] / top if top else None
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | None,
+            state: Path | None, parts=None, started=None) -> Path | None:
+    """Run rounds start_round..rounds; `state` is the checkpoint to resume (None: a fresh run),
+    of which a rank with expert shards reads only its experts' rows. `started()` is called
+    once a fresh run's round 0 is saved."""
+    fed = assembly.build(cfg, run_dir, resume_offset, parts)
+    if state is not None:
+        tensors, meta = checkpoint.load_checkpoint(state, fed.shards.range if fed.shards else None)
+        fed.strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
+    # The bits are reproducible for a given thread count and library versions: record both.
+    fed.metrics.log("run", status="resumed" if state else "started", round=start_round,
+                    threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled(),
+                    torch=torch.__version__)
+    log_data(fed)
+    progress = ProgressDisplay(cfg.logging.progress and fed.writes)
+    callbacks: list[Callback] = [progress, Teardown(), Report()]
+    try:
+        status = _rounds(fed, start_round, state is None, progress, callbacks, started)
+    finally:
+        for cb in callbacks:
+            cb.on_exit(fed)
+    return fed.run_dir / "final" if status == "finished" else None
+
+
+def _rounds(fed: Federation, start_round: int, fresh: bool, progress: ProgressDisplay,
+            callbacks: list[Callback], started) -> str:
+    cfg = fed.cfg
+    guard = Guard.for_run(cfg.train, fed.run_dir if not fresh and fed.writes else None)
+
+    def evaluated(round_: int) -> str | None:
+        rows = evaluation.evaluate_round(fed, round_)
+        for cb in callbacks:
+            cb.on_eval(fed, round_, rows)
+        return guard.after_eval(fed, rows, console)
+
+    def end(status: str, round_: int) -> str:
+        fed.metrics.log("run", status=status, round=round_)
+        for cb in callbacks:
+            cb.on_end(fed, status, round_)
+        return status
+
+    if fresh:
+        evaluated(0)  # the base model's evaluation: the divergence guard's reference
+        save_round(fed, 0)
+        if started is not None and fed.writes:
+            started()
+        start_round = 1
+    rounds = cfg.federation.rounds
+    for cb in callbacks:
+        cb.on_rounds_start(fed, start_round)
+    for round_ in range(start_round, rounds + 1):
+        try:
+            run_round(fed, round_, progress)
+        except signals.Preempted as stop:  # SIGUSR1/SIGTERM: keep the completed rounds, return (exit 0)
+            signals.pause(fed, stop, save_round)
+            return end("stopped", stop.completed)
+        diverged = None
+        if round_ % cfg.eval.every == 0 or round_ == rounds:
+            diverged = evaluated(round_)
+        if round_ % cfg.checkpoint.every == 0 or round_ == rounds or diverged:
+            save_round(fed, round_)
+        if diverged:  # train.on_divergence: stop; resumable from this round's checkpoint
+            end("diverged", round_)
+            raise Diverged(f"round {round_}: {diverged}")
+        for cb in callbacks:
+            cb.on_round_end(fed, round_)
+    write_final(fed)
+    return end("finished", rounds)
+
+
+def log_data(fed: Federation) -> None:
+    """How much data the run has, and how many records were cut before tokenization."""
+    data = fed.data
+    fed.metrics.log("data", train=len(data.train_examples), eval=len(data.eval_examples),
+                    truncated=data.truncated)
+    if data.truncated and fed.writes:
+        console.print(f"[bold yellow]warning[/]: {data.truncated} data record(s) cut before tokenization "
+                      f"to their last {CHARS_PER_TOKEN} characters per token of the length limit")
