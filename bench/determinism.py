@@ -32,7 +32,7 @@ def main() -> None:
     args = ap.parse_args()
     from pipeline.config import DeepSpeedConfig, TrainConfig
     from pipeline.engine.client import ClientEngine, init_distributed
-    from pipeline.model import init_adapter_state, load_model, patch_olmoe
+    from pipeline.model import ModelSetting, init_adapter_state, load_model, patch_olmoe
     from pipeline.model import moe_block
 
     if args.threads:
@@ -62,7 +62,7 @@ def main() -> None:
                 _t[0] = now
 
             on_step.__defaults__[0][0] = time.perf_counter()
-            out = engine.train(start, args.top_k, 8, [batch] * args.steps, on_step=on_step)
+            out = engine.train(start, ModelSetting(args.top_k, 8), [batch] * args.steps, on_step=on_step)
             times[name].extend(steps[1:])  # the first step warms the allocator
             results[name].append(out.adapters)
     moe_block.gather_rows = gather

@@ -38,7 +38,7 @@ def main() -> None:
 
     from pipeline.config import DeepSpeedConfig, TrainConfig
     from pipeline.engine.client import ClientEngine, init_distributed
-    from pipeline.model import (adapter_parameters, flops_per_token, init_adapter_state, load_model,
+    from pipeline.model import (ModelSetting, adapter_parameters, flops_per_token, init_adapter_state, load_model,
                                 patch_olmoe)
     from pipeline.model.build import OLMOE_1B_7B
 
@@ -92,7 +92,7 @@ def main() -> None:
             times.append(now - _t[0])
             _t[0] = now
 
-        result = engine.train(start, k, args.rank, [batch] * args.steps, on_step=on_step)
+        result = engine.train(start, ModelSetting(k, args.rank), [batch] * args.steps, on_step=on_step)
         counts = result.expert_token_counts
         routed = counts.sum(dim=1).mean().item() / (args.steps * args.batch * args.seq)
         flops = flops_per_token(config, top_k=routed, lora_rank=args.rank, seq_len=args.seq)["train"]

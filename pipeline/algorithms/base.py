@@ -17,6 +17,7 @@ from pipeline.config import Tier
 from pipeline.errors import ConfigError
 from pipeline.algorithms.options import Option, check_options
 from pipeline.model.adapters import is_expert_adapter
+from pipeline.model.setting import ModelSetting
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,13 @@ class Strategy:
     # record_routing -> each block keeps its last routing (indices, probs) for gradient hooks.
     model_features: dict[str, Any] = {}
 
+    def setting(self, top_k: int, lora_rank: int) -> ModelSetting:
+        """The model setting at (top_k, lora_rank), for a client's training, an evaluation or the
+        export: the method's LoRA scale and routing options with it."""
+        return ModelSetting(top_k, lora_rank)
+
     def configure_model(self, model: torch.nn.Module, plan: ClientPlan | None) -> None:
-        """Set non-adapter routing state before a client trains (plan) or before evaluation (None)."""
+        """Install the method's hooks before a client trains (plan) or before evaluation (None)."""
 
     def client_extras(self, model: torch.nn.Module, plan: ClientPlan) -> dict[str, Tensor]:
         """What a client returns besides its adapters (e.g. a balancing bias), after training."""
@@ -137,9 +143,9 @@ class Strategy:
         raise NotImplementedError
 
     # --- evaluation ---------------------------------------------------------------------
-    def eval_setting(self, tier: Tier) -> tuple[int, int]:
-        """(top_k, lora_rank) at which the global model is evaluated for `tier`."""
-        return tier.top_k, self.model.lora_rank
+    def eval_setting(self, tier: Tier) -> ModelSetting:
+        """The setting at which the global model is evaluated for `tier`."""
+        return self.setting(tier.top_k, self.model.lora_rank)
 
     def eval_adapters(self, tier: Tier | None = None) -> dict[str, Tensor]:
         """The global adapters as a client of `tier` would start from (None: full rank)."""

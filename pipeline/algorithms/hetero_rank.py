@@ -18,6 +18,7 @@ from pipeline.algorithms import lora_math as lm
 from pipeline.algorithms.base import ClientPlan, ClientUpdate, Strategy
 from pipeline.algorithms.options import Option
 from pipeline.config import Tier
+from pipeline.model.setting import ModelSetting
 
 ALPHA_PER_RANK = 2.0  # alpha = 2 r in the official heterogeneous-rank codes
 
@@ -31,10 +32,9 @@ class HeteroRankStrategy(Strategy):
             return ALPHA_PER_RANK
         return lm.scale(self.model.lora_alpha, rank)
 
-    def configure_model(self, model, plan: ClientPlan | None) -> None:
-        from pipeline.model import set_lora_scale
-
-        set_lora_scale(model, ALPHA_PER_RANK if self.options["lora_alpha"] == "2r" else None)
+    def setting(self, top_k: int, lora_rank: int) -> ModelSetting:
+        return ModelSetting(top_k, lora_rank,
+                            lora_scale=ALPHA_PER_RANK if self.options["lora_alpha"] == "2r" else None)
 
     def init_state(self, initial_adapters: dict[str, Tensor]) -> None:
         super().init_state(initial_adapters)
@@ -94,8 +94,8 @@ class HeteroRankStrategy(Strategy):
         return {key: lm.product(scaled[a], scaled[b]) for key, a, b in self.pairs}
 
     # --- evaluation ---------------------------------------------------------------------------
-    def eval_setting(self, tier: Tier) -> tuple[int, int]:
-        return self.model.k_max, tier.lora_rank
+    def eval_setting(self, tier: Tier) -> ModelSetting:
+        return self.setting(self.model.k_max, tier.lora_rank)
 
     def eval_adapters(self, tier: Tier | None = None) -> dict[str, Tensor]:
         return self.factors_at_rank(self.global_adapters, tier.lora_rank if tier else self.model.lora_rank)

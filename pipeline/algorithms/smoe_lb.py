@@ -14,6 +14,7 @@ from pipeline.algorithms import routing_math as rm
 from pipeline.algorithms.base import ClientPlan, ClientUpdate, register
 from pipeline.algorithms.options import Option
 from pipeline.algorithms.smoe import NaiveSMoE
+from pipeline.model.setting import ModelSetting
 
 
 @register
@@ -34,10 +35,10 @@ class SMoELoadBalanced(NaiveSMoE):
         super().load_state_dict(state)
         self.bias = state["tensors"]["selection_bias"].clone()
 
-    def configure_model(self, model, plan: ClientPlan | None) -> None:
-        from pipeline.model.routing import set_selection_bias
+    def setting(self, top_k: int, lora_rank: int) -> ModelSetting:
+        return ModelSetting(top_k, lora_rank, selection_bias=self.bias)
 
-        set_selection_bias(model, self.bias)
+    def configure_model(self, model, plan: ClientPlan | None) -> None:
         self._seen = None
 
     @torch.no_grad()

@@ -1,6 +1,6 @@
 """The client trainer: one DeepSpeed engine per client group, reused for every virtual client.
 
-Per client only the adapters, the optimizer state and the active top-k / rank change; the
+Per client only the adapters, the optimizer state and the model setting (`use`) change; the
 model and the engine are built once. Under ZeRO 1/2 (and bf16) DeepSpeed keeps fp32 master
 copies of the trainable tensors, so adapters are written with `safe_set_full_fp32_param` as
 well as into `p.data`, and read back with `safe_get_full_fp32_param` (NOTES-stack.md).
@@ -24,8 +24,8 @@ from pipeline.config import DeepSpeedConfig, TrainConfig
 from pipeline.engine import data_parallel as dp
 from pipeline.engine import expert_parallel as ep
 from pipeline.engine import zero3
-from pipeline.model import (adapter_parameters, expert_token_counts, is_expert_adapter,
-                            reset_expert_token_counts, set_lora_rank, set_top_k)
+from pipeline.model import (ModelSetting, adapter_parameters, apply_setting, expert_token_counts,
+                            is_expert_adapter, reset_expert_token_counts)
 
 
 def free_port() -> int:
@@ -220,7 +220,12 @@ class ClientEngine:
         # torch AdamW creates its moments lazily on the first step after the state is cleared.
         _torch_optimizer(self.engine.optimizer).state.clear()
 
-    def train(self, adapters: dict[str, Tensor], top_k: int, lora_rank: int,
+    def use(self, setting: ModelSetting) -> None:
+        """Run the model at `setting` (top-k, LoRA rank and scale, routing options) from now on:
+        the one place a client's training, an evaluation and the export set them."""
+        apply_setting(self.model, setting)
+
+    def train(self, adapters: dict[str, Tensor], setting: ModelSetting,
               batches: Iterable[dict[str, Tensor]],
               extra_loss: Callable[[torch.nn.Module], Tensor | None] | None = None,
               after_backward: Callable[[torch.nn.Module], None] | None = None,
@@ -229,8 +234,7 @@ class ClientEngine:
         start = time.perf_counter()
         self.load_adapters(adapters)
         self.reset_optimizer()
-        set_top_k(self.model, top_k)
-        set_lora_rank(self.model, lora_rank)
+        self.use(setting)
         reset_expert_token_counts(self.model)
         self.engine.train()
         losses = []

@@ -1,11 +1,12 @@
 """Evaluating a global model per tier (every round of a run, and `fedmoe eval`).
 
-`evaluate_round` logs a round's evaluation; `evaluate_tiers` puts the model at each tier's setting (top-k, LoRA rank, adapters) and scores
-the held-out set in the configured mode; `evaluate_run` does it for a saved checkpoint, at the
-tiers' own top-k or at any top-k the user names.
+`evaluate_round` logs a round's evaluation; `evaluate_tiers` puts the model at each tier's
+setting (top-k, LoRA rank, adapters) and scores the held-out set in the configured mode;
+`evaluate_run` does it for a saved checkpoint, at the tiers' own top-k or at any top-k the user names.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from rich.console import Console
@@ -20,7 +21,7 @@ from pipeline.eval.scoring import evaluate_examples
 from pipeline.federation import restore, rundir
 from pipeline.federation.assembly import Federation, evaluates, setup
 from pipeline.federation.inputs import FederatedData, resolve_source
-from pipeline.model import load_adapter_state, set_base_delta, set_lora_rank, set_top_k
+from pipeline.model import ModelSetting, apply_setting, load_adapter_state, set_base_delta
 
 console = Console()
 
@@ -29,8 +30,7 @@ def evaluate_round(fed: Federation, round_: int) -> list[dict]:
     """The round's `eval` events, one per tier, with its training cost and balance (world rank 0)."""
     if not evaluates(fed):  # other ranks hold the same state; rank 0 evaluates it
         return []
-    rows = evaluate_tiers(fed.engine.model, fed.strategy, fed.tiers, fed.data, fed.cfg.eval, round_,
-                          fed.engine.load_adapters)
+    rows = evaluate_tiers(fed.engine, fed.strategy, fed.tiers, fed.data, fed.cfg.eval, round_)
     if not fed.writes:
         return []
     for row in rows:
@@ -39,24 +39,26 @@ def evaluate_round(fed: Federation, round_: int) -> list[dict]:
     return rows
 
 
-def evaluate_tiers(model, strategy: Strategy, tiers: list[Tier], data: FederatedData, eval_cfg: EvalConfig,
-                   round_: int, load_adapters, mode: str | None = None, top_ks: list[int] | None = None,
+def evaluate_tiers(engine, strategy: Strategy, tiers: list[Tier], data: FederatedData, eval_cfg: EvalConfig,
+                   round_: int, mode: str | None = None, top_ks: list[int] | None = None,
                    progress=None) -> list[dict]:
     """The global model at each tier's setting (its top-k, rank and adapters) on the held-out suite.
 
-    `top_ks`: evaluate each tier at each of these top-k instead of its own (`fedmoe eval
-    --top-k`); `mode` replaces eval.mode; `progress()` is called after each evaluation.
+    `engine`: a ClientEngine, or any holder of `model` with its `load_adapters` and `use`
+    (`Evaluated`). `top_ks`: evaluate each tier at each of these top-k instead of its own
+    (`fedmoe eval --top-k`); `mode` replaces eval.mode; `progress()` is called after each evaluation.
     """
     mode = mode or eval_cfg.mode
+    model = engine.model
     set_base_delta(model, strategy.base_delta())
     strategy.configure_model(model, None)
     rows = []
     for tier in tiers:
-        top_k, rank = strategy.eval_setting(tier)
-        load_adapters(strategy.eval_adapters(tier))
-        set_lora_rank(model, rank)
-        for k in top_ks or [top_k]:
-            set_top_k(model, k)
+        setting = strategy.eval_setting(tier)
+        rank = setting.lora_rank
+        engine.load_adapters(strategy.eval_adapters(tier))
+        for k in top_ks or [setting.top_k]:
+            engine.use(dataclasses.replace(setting, top_k=k))
             scores = evaluate_examples(model, data.tokenizer, data.eval_examples, mode, eval_cfg.batch_size,
                                        eval_cfg.max_new_tokens)
             row = {"round": round_, "tier": tier.name, "top_k": k, "lora_rank": rank, "mode": mode,
@@ -92,21 +94,31 @@ def evaluate_run(run_dir: Path, checkpoint_path: Path | None = None, top_ks: lis
     tensors, meta = checkpoint.load_checkpoint(source)
     strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
 
-    def load(adapters):
-        try:
-            load_adapter_state(model, adapters)
-        except ValueError as exc:
-            raise UserError(f"{source}: {exc}") from None
-
     total = len(tiers) * len(top_ks or [None])
     with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
         task = bar.add_task("eval", total=total)
-        rows = evaluate_tiers(model, strategy, tiers, data, cfg.eval, meta["round"], load, mode=mode,
-                              top_ks=top_ks, progress=lambda: bar.advance(task))
+        rows = evaluate_tiers(Evaluated(model, source), strategy, tiers, data, cfg.eval, meta["round"],
+                              mode=mode, top_ks=top_ks, progress=lambda: bar.advance(task))
     for table in eval_tables(rows, f"{Path(source).name} of {run_dir}, {rows[0]['mode']} mode", data.chance):
         console.print(table)
     return rows
+
+
+class Evaluated:
+    """A model without a trainer (`fedmoe eval`), with the engine's `load_adapters` and `use`."""
+
+    def __init__(self, model, source: Path):
+        self.model, self.source = model, source
+
+    def load_adapters(self, adapters) -> None:
+        try:
+            load_adapter_state(self.model, adapters)
+        except ValueError as exc:
+            raise UserError(f"{self.source}: {exc}") from None
+
+    def use(self, setting: ModelSetting) -> None:
+        apply_setting(self.model, setting)
 
 
 def model_num_experts(cfg: Config) -> int:

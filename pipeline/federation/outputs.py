@@ -12,7 +12,7 @@ from torch import Tensor
 from pipeline import checkpoint
 from pipeline.federation.assembly import Federation, evaluates
 from pipeline.federation.expert_shards import is_expert_key
-from pipeline.model import save_merged, set_base_delta, set_lora_rank, set_top_k
+from pipeline.model import save_merged, set_base_delta
 from pipeline.model.expert_parallel import gathered_experts
 
 
@@ -81,8 +81,7 @@ def export_merged(fed: Federation, adapters: dict[str, Tensor], out: Path) -> No
     model = fed.engine.model
     fed.engine.load_adapters(adapters)
     set_base_delta(model, fed.strategy.base_delta())
-    fed.strategy.configure_model(model, None)  # its LoRA scale, as at evaluation
-    set_top_k(model, model.config.num_experts_per_tok)
-    set_lora_rank(model, fed.cfg.model.lora.rank)
+    fed.strategy.configure_model(model, None)  # its hooks, as at evaluation
+    fed.engine.use(fed.strategy.setting(model.config.num_experts_per_tok, fed.cfg.model.lora.rank))
     with gathered_experts(model):  # ZeRO-3: the other ranks take part in save_merged's gathers
         save_merged(model, out if fed.writes else None, tokenizer=fed.tokenizer)

@@ -44,7 +44,7 @@ def train_client(fed: Federation, client: int, round_: int, progress: ProgressDi
     on_step, done = (progress.client(f"client {client} ({plan.tier.name}, k={plan.top_k})",
                                      cfg.train.local_steps) if progress is not None else (None, None))
     result = fed.engine.train(
-        plan.adapters, plan.top_k, plan.lora_rank, batches,
+        plan.adapters, strategy.setting(plan.top_k, plan.lora_rank), batches,
         extra_loss=lambda m: strategy.extra_loss(m, plan),
         after_backward=lambda m: strategy.after_backward(m, plan),
         on_step=on_step)

@@ -9,11 +9,12 @@ from pipeline.model.export import export_peft_attention, merge_adapters, save_me
 from pipeline.model.flops import flops_per_token
 from pipeline.model.lora import LoRALinear
 from pipeline.model.moe_block import HeteroMoEBlock, Routing
+from pipeline.model.setting import ModelSetting, apply_setting
 
 __all__ = [
     "load_model", "build_model", "patch_olmoe", "set_top_k", "set_lora_rank", "set_lora_scale",
     "adapter_parameters", "adapter_state", "load_adapter_state", "init_adapter_state",
     "is_adapter_name", "is_expert_adapter", "expert_token_counts", "reset_expert_token_counts",
     "merge_adapters", "save_merged", "export_peft_attention", "HeteroMoEBlock", "LoRALinear",
-    "Routing", "flops_per_token", "lora_base_weights", "set_base_delta",
+    "Routing", "flops_per_token", "lora_base_weights", "set_base_delta", "ModelSetting", "apply_setting",
 ]

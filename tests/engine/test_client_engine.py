@@ -12,7 +12,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 from pipeline.config import DeepSpeedConfig, TrainConfig  # noqa: E402
 from pipeline.engine.client import ClientEngine, init_distributed  # noqa: E402
 from pipeline.model import (adapter_parameters, build_model, expert_token_counts,  # noqa: E402
-                            init_adapter_state, load_adapter_state, patch_olmoe, set_top_k)
+                            init_adapter_state, load_adapter_state, patch_olmoe, set_top_k,
+                            ModelSetting)
 from tests.conftest import relative_difference  # noqa: E402
 
 CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2,
@@ -80,7 +81,7 @@ def test_deepspeed_client_matches_plain_pytorch_loop(zero_stage, tol):
     # Two virtual clients on one engine: the second must not inherit the first's optimizer state.
     for client, top_k in ((1, 4), (2, 2)):
         start, batches = _adapters(pristine, client), _batches(client)
-        result = engine.train(start, top_k, 4, batches)
+        result = engine.train(start, ModelSetting(top_k, 4), batches)
         want = _reference(pristine, start, top_k, batches)
         _assert_same(result.adapters, want, rtol=tol, atol=tol)
         assert any(not torch.equal(result.adapters[k], start[k]) for k in start)
@@ -99,7 +100,7 @@ def test_bf16_clients_start_from_their_own_adapters(zero_stage):
     engine = ClientEngine(model, dataclasses.replace(TRAIN, precision="bf16"), DeepSpeedConfig(zero_stage=zero_stage))
     for client in (3, 4):
         start, batches = _adapters(pristine, client), _batches(client)
-        got = engine.train(start, 4, 4, batches).adapters
+        got = engine.train(start, ModelSetting(4, 4), batches).adapters
         want = _reference(pristine, start, 4, batches)
         assert relative_difference(got, want) < 5e-2, client  # measured 0.024 at both stages
 
@@ -108,7 +109,7 @@ def test_base_weights_stay_frozen():
     model = _model()
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     engine = ClientEngine(model, TRAIN, DeepSpeedConfig(zero_stage=0))
-    engine.train(_adapters(model, 5), 4, 4, _batches(5, 2))
+    engine.train(_adapters(model, 5), ModelSetting(4, 4), _batches(5, 2))
     after = engine.model.state_dict()
     for k, v in frozen.items():
         assert torch.equal(after[k], v), k
@@ -137,7 +138,7 @@ def test_pseudo_gradients_work_at_every_zero_stage(tmp_path):
         plan = strategy.plan(0, 1, tier, seed=0)
         strategy.configure_model(engine.model, plan)
         batches = _batches(7, 1)
-        result = engine.train(plan.adapters, 1, 4, batches,
+        result = engine.train(plan.adapters, ModelSetting(1, 4), batches,
                               extra_loss=lambda m: strategy.extra_loss(m, plan))
         results[stage] = result
         unused = result.expert_token_counts[0] == 0
@@ -165,7 +166,7 @@ def _zero3(tmp_path, persistence):
 def test_zero3_client_matches_zero0(tmp_path, persistence):
     """Adapters in and out, a base delta, an extra loss that reads adapters outside a forward,
     and an evaluation forward on engine.module: ZeRO 3 as ZeRO 0."""
-    from pipeline.model import HeteroMoEBlock, lora_base_weights, set_base_delta, set_lora_rank
+    from pipeline.model import HeteroMoEBlock, lora_base_weights, set_base_delta
 
     gen = torch.Generator().manual_seed(11)
     deltas = {k: 0.05 * torch.randn(w.shape, generator=gen) for k, w in lora_base_weights(_model()).items()}
@@ -183,11 +184,10 @@ def test_zero3_client_matches_zero0(tmp_path, persistence):
     results, logits = {}, {}
     for stage, engine in engines.items():
         set_base_delta(engine.model, deltas)
-        results[stage] = [engine.train(_adapters(_model(), c), k, r, _batches(c), extra_loss=penalty)
+        results[stage] = [engine.train(_adapters(_model(), c), ModelSetting(k, r), _batches(c), extra_loss=penalty)
                           for c, k, r in ((1, 4, 4), (2, 2, 2))]
         engine.load_adapters(results[stage][0].adapters)
-        set_top_k(engine.model, 4)
-        set_lora_rank(engine.model, 4)
+        engine.use(ModelSetting(4, 4))
         engine.model.eval()
         with torch.no_grad():
             logits[stage] = engine.model(**probe).logits

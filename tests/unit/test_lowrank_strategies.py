@@ -163,16 +163,15 @@ def test_hetlora_tail_norm_is_per_expert_and_empty_at_rank_two():
 
 
 def test_hetero_rank_model_scale_follows_the_lora_alpha_option():
-    from pipeline.model import build_model, patch_olmoe, set_lora_rank
+    from pipeline.model import apply_setting, build_model, patch_olmoe
     from pipeline.model.adapters import lora_modules
     from tests.model.conftest import SMALL_OLMOE
 
     model = patch_olmoe(build_model(SMALL_OLMOE, seed=0), lora_rank=R_MAX, lora_alpha=ALPHA)
     for scaling in ("2r", "fixed"):
         s = build_strategy("flexlora", {"lora_alpha": scaling}, INFO, TIERS)
-        s.configure_model(model, None)
         for r in (1, 2, 4):
-            set_lora_rank(model, r)
+            apply_setting(model, s.setting(2, r))
             assert {m.scale for m in lora_modules(model)} == {SCALES[scaling](r)} == {s.lora_scale(r)}
 
 

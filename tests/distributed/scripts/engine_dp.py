@@ -15,7 +15,7 @@ from mpi4py import MPI  # noqa: E402
 from pipeline.config import DeepSpeedConfig, TrainConfig  # noqa: E402
 from pipeline.engine.client import ClientEngine, free_port, init_distributed  # noqa: E402
 from pipeline.model import (adapter_parameters, build_model, init_adapter_state,  # noqa: E402
-                            load_adapter_state, patch_olmoe, set_top_k)
+                            load_adapter_state, patch_olmoe, set_top_k, ModelSetting)
 
 stage, tol = int(sys.argv[1]), float(sys.argv[2])
 batch_size = int(sys.argv[3]) if len(sys.argv) > 3 else 5
@@ -55,7 +55,7 @@ def keep_first_grads(m):
         first_grads.update({k: p.grad.detach().clone() for k, p in adapter_parameters(m).items()})
 
 
-result = engine.train(start, 2, 4, batches, after_backward=keep_first_grads)
+result = engine.train(start, ModelSetting(2, 4), batches, after_backward=keep_first_grads)
 
 # The single-process reference: plain AdamW on the whole batches.
 ref = copy.deepcopy(pristine)
