@@ -3,10 +3,12 @@
 A strategy sees adapters (flat `dict[str, Tensor]`), tier settings and counts; never MPI,
 torch.distributed or DeepSpeed. Aggregation is map-reduce: `contribution(update)` maps one
 client update to tensors that are summed over clients (by the round loop, or by one collective
-across client groups), then `finalize(sums)` makes the new global state.
+across client groups), then `finalize(sums)` makes the new global state and returns the
+method's own metrics of it, which the round's record in metrics.jsonl carries.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -41,8 +43,6 @@ class ClientPlan:
     top_k: int  # experts per token this client computes
     lora_rank: int  # active LoRA rank
     adapters: dict[str, Tensor]  # the start point of local training
-    seed: int  # derived from (seed, round, client): data order and any local randomness
-    extras: dict[str, Any] = field(default_factory=dict)  # method state (modulation, versions)
 
 
 @dataclass
@@ -59,11 +59,11 @@ class ClientUpdate:
     expert_token_counts: Tensor  # [num_layers, num_experts] routed tokens during local training
     tokens: int  # tokens seen during local training (per layer)
     metrics: dict[str, float] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)  # client_extras (e.g. a balancing bias)
 
 
-class Strategy:
-    """Base class; subclasses implement `contribution` and `finalize` at least."""
+class Strategy(ABC):
+    """A federated method: subclasses implement `contribution` and `finalize` at least."""
 
     name = "base"
     option_spec: dict[str, Option] = {}  # algorithm.options: types, ranges, defaults (options.py)
@@ -105,9 +105,10 @@ class Strategy:
                                 if k.startswith(prefix)}
 
     # --- per client ---------------------------------------------------------------------
-    def plan(self, client_id: int, round_: int, tier: Tier, seed: int) -> ClientPlan:
+    def plan(self, client_id: int, round_: int, tier: Tier) -> ClientPlan:
+        """What client `client_id` of `tier` trains from in round `round_`: the tier's own top-k."""
         return ClientPlan(client_id, round_, tier, top_k=tier.top_k, lora_rank=self.model.lora_rank,
-                          adapters=self.global_adapters, seed=seed)
+                          adapters=self.global_adapters)
 
     # Model features the method needs, applied when the model is patched:
     # routing_modulation -> a learnable DMR vector `phi` per MoE layer (part of the adapters);
@@ -136,11 +137,14 @@ class Strategy:
         belong in tensor hooks set up by `configure_model`."""
 
     # --- aggregation --------------------------------------------------------------------
+    @abstractmethod
     def contribution(self, update: ClientUpdate) -> dict[str, Tensor]:
-        raise NotImplementedError
+        """One accepted update's tensors, summed over every client of the round."""
 
-    def finalize(self, sums: dict[str, Tensor]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def finalize(self, sums: dict[str, Tensor]) -> dict[str, Any]:
+        """The new global state from the round's `sums`; returns the method's metrics of it
+        (JSON-able, {} for none), logged with the round."""
 
     # --- evaluation ---------------------------------------------------------------------
     def eval_setting(self, tier: Tier) -> ModelSetting:
@@ -185,7 +189,14 @@ def register(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-def build_strategy(name: str, options: dict, model: ModelInfo, tiers: list[Tier]) -> Strategy:
+def check_method(name: str, options: dict) -> type[Strategy]:
+    """The method's class, once its name and options are known good (ConfigError otherwise)."""
     if name not in STRATEGIES:
         raise ConfigError(f"algorithm.name: unknown method {name!r} (available: {', '.join(sorted(STRATEGIES))})")
-    return STRATEGIES[name](options, model, tiers)
+    cls = STRATEGIES[name]
+    check_options(name, options, cls.option_spec)
+    return cls
+
+
+def build_strategy(name: str, options: dict, model: ModelInfo, tiers: list[Tier]) -> Strategy:
+    return check_method(name, options)(options, model, tiers)

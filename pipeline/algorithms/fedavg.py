@@ -10,18 +10,24 @@ from pipeline.algorithms.base import (ClientPlan, ClientUpdate, Strategy, regist
 from pipeline.config import Tier
 
 
-@register
-class FedAvg(Strategy):
-    name = "fedavg"
-    expert_sharded = True  # a per-key weighted average
+class WeightedAverage(Strategy):
+    """Adapters averaged with weights n_c / sum n; each client at its plan's top-k."""
 
-    def plan(self, client_id: int, round_: int, tier: Tier, seed: int) -> ClientPlan:
-        plan = super().plan(client_id, round_, tier, seed)
-        plan.top_k = self.model.k_max  # ignores the tier's budget on purpose
-        return plan
+    expert_sharded = True  # a per-key weighted average
 
     def contribution(self, update: ClientUpdate):
         return weighted_sum_contribution(update.adapters, update.n_samples)
 
-    def finalize(self, sums) -> None:
+    def finalize(self, sums) -> dict:
         self.global_adapters = weighted_average(sums, self.global_adapters)
+        return {}
+
+
+@register
+class FedAvg(WeightedAverage):
+    name = "fedavg"
+
+    def plan(self, client_id: int, round_: int, tier: Tier) -> ClientPlan:
+        plan = super().plan(client_id, round_, tier)
+        plan.top_k = self.model.k_max  # ignores the tier's budget on purpose
+        return plan

@@ -21,9 +21,10 @@ class FedExLoRA(HeteroRankStrategy):
         out.update({f"w/{k}": v * p for k, v in self.products(update).items()})
         return out
 
-    def finalize(self, sums):
+    def finalize(self, sums) -> dict:
         total = sums["weight"].item()
         self.global_adapters = weighted_average(sums, self.global_adapters)
         for key, a, b in self.pairs:
             exact = sums[f"w/{key}"] / total
             self.add_delta(key, (exact - lm.product(self.global_adapters[a], self.global_adapters[b])).float())
+        return {}

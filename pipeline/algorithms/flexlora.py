@@ -23,9 +23,10 @@ class FlexLoRA(HeteroRankStrategy):
         out["weight"] = torch.tensor([p], dtype=torch.float64)
         return out
 
-    def finalize(self, sums):
+    def finalize(self, sums) -> dict:
         total = sums["weight"].item()
         for key, a, b in self.pairs:
             a_new, b_new = lm.svd_factors(sums[f"w/{key}"] / total, self.model.lora_rank, self.model.lora_rank)
             self.global_adapters[a] = a_new.float()
             self.global_adapters[b] = b_new.float()  # carries the scale: s B
+        return {}

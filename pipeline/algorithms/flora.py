@@ -41,7 +41,7 @@ class FLoRA(HeteroRankStrategy):
             out[f"b/{update.client_id}/{key}"] = scaled[b][..., :r]
         return out
 
-    def finalize(self, sums):
+    def finalize(self, sums) -> dict:
         total = sums["weight"].item()
         clients = sorted({k.split("/")[1] for k in sums if k.startswith("a/")}, key=int)
         for key, a, b in self.pairs:
@@ -49,6 +49,7 @@ class FLoRA(HeteroRankStrategy):
                                [sums[f"b/{c}/{key}"] for c in clients], [1.0] * len(clients))
             self.add_delta(key, lm.product(a_st, b_st).float())
         self.global_adapters = {k: v.clone() for k, v in self.fresh.items()}
+        return {}
 
     def state_dict(self):
         state = super().state_dict()

@@ -74,10 +74,10 @@ class HeteroRankStrategy(Strategy):
             out[a], out[b] = lm.client_factors(adapters[a], adapters[b], rank, self.lora_scale(rank))
         return out
 
-    def plan(self, client_id: int, round_: int, tier: Tier, seed: int) -> ClientPlan:
+    def plan(self, client_id: int, round_: int, tier: Tier) -> ClientPlan:
         rank = self.client_rank(client_id, tier)
         return ClientPlan(client_id, round_, tier, top_k=self.model.k_max, lora_rank=rank,
-                          adapters=self.factors_at_rank(self.global_adapters, rank), seed=seed)
+                          adapters=self.factors_at_rank(self.global_adapters, rank))
 
     def scaled(self, update: ClientUpdate) -> dict[str, Tensor]:
         """The update's factors with B carrying the client's scale s_c (float64)."""

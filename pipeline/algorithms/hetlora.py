@@ -82,8 +82,9 @@ class HetLoRA(HeteroRankStrategy):
                 out[f"prune/{update.client_id}"] = torch.tensor([float(rank)], dtype=torch.float64)
         return out
 
-    def finalize(self, sums):
+    def finalize(self, sums) -> dict:
         self.global_adapters = weighted_average(sums, self.global_adapters)
         for key, value in sums.items():
             if key.startswith("prune/"):
                 self.ranks[key[len("prune/"):]] = int(value.item())
+        return {}

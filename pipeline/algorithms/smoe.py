@@ -7,14 +7,10 @@ never activates.
 """
 from __future__ import annotations
 
-from pipeline.algorithms.base import ClientPlan, Strategy, register
-from pipeline.algorithms.fedavg import FedAvg
-from pipeline.config import Tier
+from pipeline.algorithms.base import register
+from pipeline.algorithms.fedavg import WeightedAverage
 
 
 @register
-class NaiveSMoE(FedAvg):
-    name = "smoe"
-
-    def plan(self, client_id: int, round_: int, tier: Tier, seed: int) -> ClientPlan:
-        return Strategy.plan(self, client_id, round_, tier, seed)  # the tier's own top-k
+class NaiveSMoE(WeightedAverage):
+    name = "smoe"  # the base plan: each tier's own top-k

@@ -62,6 +62,7 @@ class SMoELoadBalanced(NaiveSMoE):
         out["bias"] = update.extras["selection_bias"].double() * update.n_samples
         return out
 
-    def finalize(self, sums) -> None:
-        super().finalize(sums)
+    def finalize(self, sums) -> dict:
+        metrics = super().finalize(sums)
         self.bias = (sums["bias"] / sums["weight"].item()).float()
+        return metrics

@@ -207,7 +207,7 @@ class UBSMoE(Strategy):
         out["k_num"] = torch.tensor([n * update.top_k], dtype=torch.float64)
         return out
 
-    def finalize(self, sums) -> None:
+    def finalize(self, sums) -> dict:
         previous = self.global_adapters
         if self.options["aggregation"] == "fedavg":
             new = weighted_average(sums, previous)
@@ -230,3 +230,4 @@ class UBSMoE(Strategy):
                     mean_c = new[k].double()  # the n_c-weighted mean of the clients' phi
                     new[k] = rm.momentum_phi(mean_c, raw[layer_of(k)], self.options["zeta"]).float()
         self.global_adapters = new
+        return {"utilisation": [[round(u, 6) for u in layer] for layer in self.utilisation.tolist()]}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.algorithms import ModelInfo, Strategy, build_strategy
+from pipeline.algorithms import ModelInfo, Strategy, build_strategy, check_method
 from pipeline.config import Config, Tier, resolve_tiers
 from pipeline.engine.client import ClientEngine
 from pipeline.engine.determinism import use_deterministic_kernels
@@ -46,7 +46,7 @@ class Federation:
 
 def setup(cfg: Config):
     """Model, tokenizer, tiers, strategy (with its initial state) and data: all a run reads."""
-    build_strategy(cfg.algorithm.name, cfg.algorithm.options, None, [])  # name, options: before the model loads
+    check_method(cfg.algorithm.name, cfg.algorithm.options)  # before the model loads
     use_deterministic_kernels(cfg.train.deterministic)
     model, tokenizer = load_patched_model(cfg.model)
     torch.manual_seed(cfg.seed)  # nothing should draw from it; pinned anyway

@@ -259,7 +259,7 @@ def training_top_k(cfg: Config, shape: ModelShape, tiers: list[Tier]) -> list[in
     strategy = build_strategy(cfg.algorithm.name, cfg.algorithm.options, info, tiers)
     try:
         strategy.init_state({})  # plans carry the adapters; the top-k does not depend on them
-        return [strategy.plan(0, 1, tier, 0).top_k for tier in tiers]
+        return [strategy.plan(0, 1, tier).top_k for tier in tiers]
     except (KeyError, ValueError, RuntimeError, IndexError):
         return [shape.k_max for _ in tiers]
 

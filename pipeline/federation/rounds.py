@@ -36,7 +36,7 @@ class RoundFailed(RetryableError):
 def train_client(fed: Federation, client: int, round_: int, progress: ProgressDisplay | None) -> ClientUpdate:
     cfg, strategy = fed.cfg, fed.strategy
     seed = derive_seed(cfg.seed, LOCAL_DATA, round_, client)
-    plan = strategy.plan(client, round_, fed.client_tiers[client], seed)
+    plan = strategy.plan(client, round_, fed.client_tiers[client])
     indices = fed.data.client_indices[client]
     batches = (fed.data.train_batch(b) for b in
                local_batches(indices, cfg.train.local_steps, cfg.train.batch_size, seed))
@@ -114,10 +114,11 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
     if len(accepted) < cfg.federation.min_clients:
         raise RoundFailed(f"round {round_}: {len(accepted)} of {len(clients)} clients reported, "
                           f"federation.min_clients={cfg.federation.min_clients}")
-    strategy.finalize(sums)
+    own = strategy.finalize(sums)  # the method's metrics of the new state
     fed.tier_stats = tier_training_stats(fed, updates, load)
     fed.metrics.log("round", round=round_, seconds=time.perf_counter() - start, clients=accepted,
-                    expert_load={t: v.tolist() for t, v in load.items()}, tiers=fed.tier_stats)
+                    expert_load={t: v.tolist() for t, v in load.items()}, tiers=fed.tier_stats,
+                    **({"strategy": own} if own else {}))
     return load
 
 

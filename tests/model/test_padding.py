@@ -49,7 +49,7 @@ def _step(model, method, batch):
     m = copy.deepcopy(model)
     strategy = build_strategy(method, {}, INFO, [TIER])
     strategy.init_state({})
-    plan = strategy.plan(0, 1, TIER, seed=0)
+    plan = strategy.plan(0, 1, TIER)
     strategy.configure_model(m, plan)
     for block in moe_blocks(m):
         block.top_k = TIER.top_k

@@ -129,7 +129,7 @@ def test_hetlora_norm_weighted_zero_padded_average(scaling):
 def test_hetero_rank_plans_truncate_and_run_full_top_k():
     s = build_strategy("hetlora", {}, INFO, TIERS)
     s.init_state(_random(torch.Generator().manual_seed(3)))
-    plan = s.plan(0, 1, TIERS[0], seed=0)
+    plan = s.plan(0, 1, TIERS[0])
     assert plan.top_k == INFO.k_max and plan.lora_rank == 1
     assert torch.all(plan.adapters["m.q_proj.lora_A"][1:] == 0)
     assert torch.all(plan.adapters["m.q_proj.lora_B"][:, 1:] == 0)
@@ -159,7 +159,7 @@ def test_hetlora_tail_norm_is_per_expert_and_empty_at_rank_two():
     torch.testing.assert_close(s.tail_norm(ad, 4), per_expert + attention)
     assert not torch.isclose(per_expert, whole_stack)  # the old reading gives another penalty
     assert s.tail(2) == (2, 2) and s.tail_norm(ad, 2) == 0  # rank 2 at gamma 0.75: nothing
-    assert s.extra_loss(None, s.plan(0, 1, TIERS[1], seed=0)) is None
+    assert s.extra_loss(None, s.plan(0, 1, TIERS[1])) is None
 
 
 def test_hetero_rank_model_scale_follows_the_lora_alpha_option():

@@ -49,8 +49,8 @@ def test_fedavg_ignores_budget_smoe_uses_tier_top_k():
     smoe = build_strategy("smoe", {}, INFO, TIERS)
     for s in (fedavg, smoe):
         s.init_state({"x": torch.zeros(1)})
-    assert fedavg.plan(0, 1, TIERS[0], seed=1).top_k == INFO.k_max
-    assert smoe.plan(0, 1, TIERS[0], seed=1).top_k == TIERS[0].top_k
+    assert fedavg.plan(0, 1, TIERS[0]).top_k == INFO.k_max
+    assert smoe.plan(0, 1, TIERS[0]).top_k == TIERS[0].top_k
 
 
 def test_state_dict_roundtrip():

@@ -47,8 +47,9 @@ def build(*args, **kwargs):
     real_finalize = fed.strategy.finalize
 
     def finalize(sums):
-        real_finalize(sums)
+        metrics = real_finalize(sums)
         note("global state", fed.strategy.global_adapters)
+        return metrics
     fed.strategy.finalize = finalize
     return fed
 
