@@ -82,8 +82,17 @@ def check_deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: 
 
     from pipeline.errors import ConfigError
 
+    config = deepspeed_config(train, ds, world_size)
+    # Before torch.distributed starts DeepSpeed sees a world of one rank, and checks
+    # train_batch_size = micro batch x accumulation x world: present it one rank's share.
+    batch = config.get("train_batch_size")
+    if isinstance(batch, int) and world_size > 1:
+        if batch % world_size:
+            raise ConfigError(f"deepspeed.config: {ds.config}: train_batch_size {batch} is not a multiple "
+                              f"of the client group's {world_size} ranks")
+        config["train_batch_size"] = batch // world_size
     try:
-        Parsed(deepspeed_config(train, ds, world_size))
+        Parsed(config)
     except Exception as exc:  # noqa: BLE001 - DeepSpeed raises Assertion/Type/Validation errors
         lines = [x.strip() for x in str(exc).strip().splitlines()[:3]] or [type(exc).__name__]
         raise ConfigError(f"deepspeed.config: {ds.config}: DeepSpeed refuses it: {'; '.join(lines)}") from None

@@ -54,10 +54,12 @@ class Guard:
 
     def _reason(self, row: dict, base: dict) -> str | None:
         loss, accuracy, chance = row.get("loss"), row.get("accuracy"), row.get("chance")
-        if not isinstance(loss, (int, float)) or not math.isfinite(loss):
+        # Generate mode scores no loss (null): then only the accuracy rule applies.
+        if loss is not None and (not isinstance(loss, (int, float)) or not math.isfinite(loss)):
             return f"loss is {loss}"
         base_loss = base.get("loss")
-        if isinstance(base_loss, (int, float)) and math.isfinite(base_loss) and loss > self.factor * base_loss:
+        if (loss is not None and isinstance(base_loss, (int, float)) and math.isfinite(base_loss)
+                and loss > self.factor * base_loss):
             return f"loss {loss:.4g} > {self.factor:g} x the base model's {base_loss:.4g}"
         base_accuracy = base.get("accuracy")
         if (isinstance(accuracy, (int, float)) and isinstance(chance, (int, float)) and accuracy < chance

@@ -106,3 +106,21 @@ def test_memory_plan_counts_each_ranks_share_of_the_experts():
             assert b.optimizer < a.optimizer and b.gradients < a.gradients
         else:  # ZeRO partitions every adapter's states over the group either way
             assert b.optimizer == a.optimizer and b.gradients == a.gradients
+
+
+def test_deepspeed_json_is_checked_for_a_group_of_several_ranks(tmp_path):
+    """DeepSpeed parses the merged config before torch.distributed starts (a world of one), yet
+    the generated batch keys are for the client group's ranks: a group of 2 must pass."""
+    import json
+
+    from pipeline.config import DeepSpeedConfig, TrainConfig
+    from pipeline.engine.client import check_deepspeed_config
+    from pipeline.errors import ConfigError
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    for ranks in (1, 2, 4):
+        check_deepspeed_config(TrainConfig(batch_size=8), DeepSpeedConfig(zero_stage=3, config=str(path)), ranks)
+    path.write_text(json.dumps({"train_batch_size": 7}))
+    with pytest.raises(ConfigError, match="train_batch_size 7"):
+        check_deepspeed_config(TrainConfig(batch_size=8), DeepSpeedConfig(config=str(path)), 2)

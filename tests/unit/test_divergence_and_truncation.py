@@ -31,6 +31,13 @@ def test_guard_warns_after_consecutive_divergent_evaluations():
     assert guard.observe([_row(1, 3.0, 0.2, tier="weak"), _row(2, 3.0, 0.2, tier="weak")]) == []
 
 
+def test_generate_mode_rows_have_no_loss_and_are_judged_by_accuracy_alone():
+    guard = Guard.for_run(TrainConfig(divergence_evals=1))
+    assert guard.observe([_row(0, None, 0.5)]) == []
+    assert guard.observe([_row(1, None, 0.6), _row(2, None, 0.5)]) == []
+    assert guard.observe([_row(3, None, 0.1)])[0]["reason"] == "accuracy 10.0% below chance 25.0%"
+
+
 def test_resumed_guard_replays_the_streak_from_metrics(tmp_path):
     with MetricsLogger(tmp_path, tensorboard=False) as log:
         for row in (_row(0, 3.0, 0.5), _row(1, 5.0, 0.5)):
