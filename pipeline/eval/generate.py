@@ -18,6 +18,7 @@ import torch
 
 from ..data.tasks import Example
 from .extract import answer_extractor
+from .scoring import model_device
 
 __all__ = ["greedy_generate", "evaluate_generate"]
 
@@ -26,13 +27,6 @@ def _cache_kwarg(model) -> str:
     # transformers 5 renamed `past_key_values` to `cache`; older versions only know the first.
     params = inspect.signature(type(model).forward).parameters
     return "cache" if "cache" in params else "past_key_values"
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -90,7 +84,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: in
     order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i]), i))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos_id = tokenizer.eos_token_id
-    device, cache_kw = _model_device(model), _cache_kwarg(model)
+    device, cache_kw = model_device(model), _cache_kwarg(model)
     texts: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()

@@ -46,7 +46,7 @@ def _queries(examples: Sequence[Example], tokenizer, max_length: int) -> list[_Q
     return queries
 
 
-def _model_device(model) -> torch.device:
+def model_device(model) -> torch.device:
     try:
         return next(model.parameters()).device
     except (StopIteration, AttributeError):
@@ -61,7 +61,7 @@ def option_scores(model, tokenizer, examples: Sequence[Example], batch_size: int
     # Longest first: similar lengths share a batch, so less padding.
     queries.sort(key=lambda q: -len(q.ids))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:
