@@ -14,7 +14,8 @@
 # then stops exactly the daemons named in the pid files.
 #
 # LOCAL_SLURM_NODES nodes (default 2, node1..nodeN), one slurmd each, all on this machine, each
-# with all its CPUs (so two busy nodes oversubscribe it) and LOCAL_SLURM_GPUS GPUs (default 8)
+# with LOCAL_SLURM_CPUS CPUs (default: all of the machine's, so two busy nodes oversubscribe it;
+# more than it has is allowed) and LOCAL_SLURM_GPUS GPUs (default 8)
 # that exist only as a count (their device files are /dev/null): jobs asking for
 # --gpus-per-node run, and CPU-only code ignores them. Several nodes let multi-node jobs,
 # --distribution=arbitrary and heterogeneous jobs (one node per component) run for real.
@@ -86,7 +87,7 @@ pick_port() {
 }
 
 write_config() {
-    local host=$1 port=$2 nodes=$3 cpus=$4 gpus=$5 user names ports gres="" i
+    local host=$1 port=$2 nodes=$3 cpus=$4 gpus=$5 socket=$6 user names ports gres="" i overrides=""
     user=$(id -un)
     if (( nodes == 1 )); then
         names=node1 ports=$(( port + 1 ))
@@ -94,10 +95,12 @@ write_config() {
         names="node[1-$nodes]" ports="[$(( port + 1 ))-$(( port + nodes ))]"
     fi
     mkdir -p "$DIR/munge" "$DIR/state" "$DIR/spool" "$DIR/log" "$DIR/run" "$DIR/gpu"
-    chmod 700 "$DIR/munge"  # the key; the socket is in run/, which every job user must reach
-    chmod 755 "$DIR/run"
+    chmod 700 "$DIR/munge"
     # A key of our own: only this munged authenticates this cluster's messages.
     (umask 077 && head -c 1024 /dev/urandom > "$DIR/munge/munge.key")
+    # More CPUs than the machine has: slurmd would mark its node invalid unless told to believe
+    # slurm.conf.
+    (( cpus <= $(nproc) )) || overrides="SlurmdParameters=config_overrides"
     : > "$DIR/plugstack.conf"  # not /etc/slurm/plugstack.conf: no site SPANK plugins
     # GPUs by count only: slurmd drops a GPU without a device file, so each one is /dev/null.
     : > "$DIR/gres.conf"
@@ -116,7 +119,7 @@ SlurmdUser=$user
 AuthType=auth/munge
 CredType=cred/munge
 # cred_expire is also how long a requeued job waits before it may start again (default 120 s).
-AuthInfo=socket=$DIR/run/munge.socket,cred_expire=5
+AuthInfo=socket=$socket,cred_expire=5
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
@@ -141,6 +144,7 @@ JobRequeue=1
 ReturnToService=2
 KillWait=5
 GresTypes=gpu
+$overrides
 NodeName=$names NodeHostname=$host NodeAddr=127.0.0.1 Port=$ports CPUs=$cpus$gres State=UNKNOWN
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -178,13 +182,21 @@ cmd_up() {
     [[ $gpus =~ ^[0-9]+$ ]] || bad "LOCAL_SLURM_GPUS=$gpus: not a GPU count"
     host=$(hostname -s)
     port=$(pick_port "$nodes")
-    cpus=$(nproc)
+    cpus=${LOCAL_SLURM_CPUS:-$(nproc)}
+    [[ $cpus =~ ^[1-9][0-9]*$ ]] || bad "LOCAL_SLURM_CPUS=$cpus: not a CPU count"
     mkdir -p "$DIR"
     touch "$MARK"
-    write_config "$host" "$port" "$nodes" "$cpus" "$gpus"
+    # munged wants every directory above its socket open to all (a pytest tmp dir is not): the
+    # socket gets a directory of its own, which `down` removes.
+    local sockets
+    sockets=$(mktemp -d "${TMPDIR:-/tmp}/fedmoe-munge-XXXXXX")
+    chmod 755 "$sockets"
+    mkdir -p "$DIR/run"
+    echo "$sockets" > "$DIR/run/munge-socket-dir"
+    write_config "$host" "$port" "$nodes" "$cpus" "$gpus" "$sockets/munge.socket"
     export SLURM_CONF=$CONF
 
-    munged --socket="$DIR/run/munge.socket" --key-file="$DIR/munge/munge.key" \
+    munged --socket="$sockets/munge.socket" --key-file="$DIR/munge/munge.key" \
         --pid-file="$DIR/run/munged.pid" --log-file="$DIR/log/munged.log" \
         --seed-file="$DIR/munge/munged.seed" \
         || die "munged did not start: see $DIR/log/munged.log"
@@ -225,6 +237,13 @@ cmd_down() {
             kill -KILL "$pid" 2>/dev/null || true
         fi
     done < <(daemons)
+    local sockets
+    sockets=$(cat "$DIR/run/munge-socket-dir" 2>/dev/null || true)
+    if [[ $sockets == */fedmoe-munge-* && -d $sockets ]] && ! live_pid munged munged > /dev/null; then
+        rm -f "$sockets/munge.socket" "$sockets/munge.socket.lock"
+        rmdir "$sockets" 2>/dev/null || true
+        rm -f "$DIR/run/munge-socket-dir"
+    fi
     say "down ($DIR)"
 }
 

@@ -54,19 +54,27 @@ fedmoe_pick_mpi() {
     fi
     for p in "${candidates[@]}"; do
         local log="$run_dir/logs/${SLURM_JOB_ID}-mpicheck-$p.log" world rc=0 why
+        if [[ $p == pmi2 && -z ${MPIR_CVAR_PMI_VERSION:-} ]]; then
+            # MPICH (the `mpich` wheel, 5.0) speaks PMI-2 to srun's pmi2 plugin by default, and
+            # with ranks on two nodes its segmented allgather of the UCX addresses sends garbage:
+            # MPI_Init fails ("mpi/pmi2: value not properly terminated", pmodels/mpich#6924).
+            # The plugin serves PMI-1 too, which works. Other MPIs ignore the variable.
+            export MPIR_CVAR_PMI_VERSION=1
+        fi
         # srun's own errors (a plugin that does not load) and the tasks' stderr both go to $log.
-        world=$(srun "$@" --mpi="$p" \
-            python -c 'from mpi4py import MPI; c = MPI.COMM_WORLD; print(c.Get_size()) if c.Get_rank() == 0 else None' \
-            2> "$log") || rc=$?
-        if (( rc == 0 )) && [[ $world == "$want" ]]; then
+        # Rank 0 prints the world size and each rank's node.
+        world=$(srun "$@" --mpi="$p" python -c 'import os; from mpi4py import MPI; c = MPI.COMM_WORLD
+n = c.gather(os.environ.get("SLURMD_NODENAME", "?"))
+print(c.Get_size(), *n) if c.Get_rank() == 0 else None' 2> "$log") || rc=$?
+        if (( rc == 0 )) && [[ $world != *$'\n'* && ${world%% *} == "$want" ]]; then
             FEDMOE_MPI=$p
-            fedmoe_say "srun --mpi=$p: one MPI world of $world rank(s)${tried[*]:+ (not ${tried[*]})}"
+            fedmoe_say "srun --mpi=$p: one MPI world of $want rank(s), on nodes (rank order) ${world#* }${tried[*]:+ (not ${tried[*]})}"
             return 0
         fi
         if (( rc != 0 )); then
             why="srun exited $rc: $(grep -m1 -i error "$log" || tail -n1 "$log" || true)"
         else
-            why="$want task(s) but MPI saw a world of '${world//$'\n'/ }'"
+            why="$want task(s) but MPI saw the world(s) '${world//$'\n'/; }' (size, nodes)"
         fi
         fedmoe_say "srun --mpi=$p does not work here: $why (log: $log)"
         tried+=("$p")
@@ -109,6 +117,11 @@ fedmoe_job() {
     fi
     local config=$1 run_dir=$2
     shift 2
+    # First: a signal before the traps would kill this script, and the job with it, unrequeued.
+    FEDMOE_STOPPING=0
+    FEDMOE_SRUN_PID=
+    trap 'fedmoe_forward USR1' USR1
+    trap 'fedmoe_forward TERM' TERM
     [[ -f pyproject.toml && -d pipeline ]] || fedmoe_die "$PWD is not the fedmoe repository: submit from its root (or set FEDMOE_REPO)"
     local venv=${FEDMOE_VENV:-.venv}
     [[ -f $venv/bin/activate ]] || fedmoe_die "no virtual environment at $venv (run \`make venv\` on a login node, or set FEDMOE_VENV)"
@@ -148,11 +161,6 @@ fedmoe_job() {
         read -r -a extra <<< "$FEDMOE_SRUN_ARGS"
         srun_args+=("${extra[@]}")
     fi
-
-    FEDMOE_STOPPING=0
-    FEDMOE_SRUN_PID=
-    trap 'fedmoe_forward USR1' USR1
-    trap 'fedmoe_forward TERM' TERM
 
     # One MPI world, or every rank would run alone and write the run directory.
     fedmoe_pick_mpi "$run_dir" "${srun_args[@]}"
