@@ -143,6 +143,8 @@ MpiDefault=none
 JobRequeue=1
 ReturnToService=2
 KillWait=5
+# Finished jobs stay visible to scontrol for an hour (default 300 s).
+MinJobAge=3600
 GresTypes=gpu
 $overrides
 NodeName=$names NodeHostname=$host NodeAddr=127.0.0.1 Port=$ports CPUs=$cpus$gres State=UNKNOWN

@@ -44,15 +44,19 @@ class Cluster:
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
     def wait(self, job_id: str, log: Path | None = None, timeout: float = 600) -> dict:
-        """Poll until the job has ended; its record. `timeout` only bounds a hung job."""
+        """Poll until the job has ended; its record. `timeout` only bounds a hung job, which is then
+        cancelled and reported with its state, the queue and the logs."""
         start = time.time()
         while time.time() - start < timeout:
             job = self.job(job_id)
             if job["JobState"] in FINAL_STATES:
                 return job
             time.sleep(0.5)
+        queue = self.run("squeue", "-o", "%i %T %r %N %M", check=False).stdout
         self.run("scancel", job_id, check=False)
-        raise AssertionError(f"job {job_id} still {job['JobState']} after {timeout} s\n" + tail(log))
+        ranks = "".join(f"\n--- {p}\n{tail(p, 15)}" for p in sorted(log.parent.glob("run/logs/*.log"))) if log else ""
+        raise AssertionError(f"job {job_id} still {job['JobState']} ({job.get('Reason')}) after {timeout} s\n"
+                             f"{queue}\n{tail(log)}{ranks}")
 
 
 def tail(path: Path | None, lines: int = 40) -> str:
@@ -71,17 +75,25 @@ def _job_environment(slurm_conf: Path) -> dict:
     return env
 
 
+def slurm_unavailable() -> str | None:
+    """Why the real-SLURM tests cannot run here (one line), or None."""
+    missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
+    if missing:
+        return (f"no SLURM here ({' '.join(missing)} not on PATH; as root: apt-get install "
+                "slurmctld slurmd slurm-client munge)")
+    if not (Path(sys.prefix) / "bin" / "activate").is_file():
+        return f"the SLURM jobs need a virtual environment: {sys.executable} is not in one"
+    return None
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """One cluster for the session: 2 nodes of 4 CPUs and 4 GPUs (by count; this machine's cores,
     shared) so that a test's job and the time-limit job fit side by side. Skips without SLURM's packages; a
     cluster that is installed but does not start is an error."""
-    missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
-    if missing:
-        pytest.skip(f"no SLURM here ({' '.join(missing)} not on PATH; as root: apt-get install "
-                    "slurmctld slurmd slurm-client munge)")
-    if not (Path(sys.prefix) / "bin" / "activate").is_file():
-        pytest.skip(f"the jobs need a virtual environment: {sys.executable} is not in one")
+    reason = slurm_unavailable()
+    if reason:
+        pytest.skip(reason)
     directory = tmp_path_factory.mktemp("slurm")
     env = {**_job_environment(directory / "slurm.conf"), "LOCAL_SLURM_DIR": str(directory),
            "LOCAL_SLURM_NODES": "2", "LOCAL_SLURM_CPUS": "4", "LOCAL_SLURM_GPUS": "4"}

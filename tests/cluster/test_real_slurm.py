@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.cluster.conftest import REPO, TINY, tail
+from tests.cluster.conftest import REPO, TINY, slurm_unavailable, tail
+
+if slurm_unavailable():
+    pytest.skip(slurm_unavailable(), allow_module_level=True)  # one line for the whole module
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("time_limit_job")]
 
