@@ -54,12 +54,14 @@ fedmoe_pick_mpi() {
     fi
     for p in "${candidates[@]}"; do
         local log="$run_dir/logs/${SLURM_JOB_ID}-mpicheck-$p.log" world rc=0 why
-        if [[ $p == pmi2 && -z ${MPIR_CVAR_PMI_VERSION:-} ]]; then
-            # MPICH (the `mpich` wheel, 5.0) speaks PMI-2 to srun's pmi2 plugin by default, and
-            # with ranks on two nodes its segmented allgather of the UCX addresses sends garbage:
-            # MPI_Init fails ("mpi/pmi2: value not properly terminated", pmodels/mpich#6924).
-            # The plugin serves PMI-1 too, which works. Other MPIs ignore the variable.
-            export MPIR_CVAR_PMI_VERSION=1
+        if [[ $p == pmi2 && -z ${MPIR_CVAR_CH4_NETMOD:-} ]]; then
+            # The `mpich` wheel's default netmod, UCX, has addresses too long for srun's pmi2
+            # server: MPICH splits them over several PMI values, a line overflows the server's
+            # buffer, and with ranks on two nodes MPI_Init fails or hangs now and then
+            # ("mpi/pmi2: value not properly terminated"; pmodels/mpich#6924; PMI-1 hangs the
+            # same way). The wheel's other netmod, OFI (libfabric), has short addresses. Only
+            # mpi4py's small cross-group messages use it; other MPIs ignore the variable.
+            export MPIR_CVAR_CH4_NETMOD=ofi
         fi
         # srun's own errors (a plugin that does not load) and the tasks' stderr both go to $log.
         # Rank 0 prints the world size and each rank's node.
@@ -68,7 +70,7 @@ n = c.gather(os.environ.get("SLURMD_NODENAME", "?"))
 print(c.Get_size(), *n) if c.Get_rank() == 0 else None' 2> "$log") || rc=$?
         if (( rc == 0 )) && [[ $world != *$'\n'* && ${world%% *} == "$want" ]]; then
             FEDMOE_MPI=$p
-            fedmoe_say "srun --mpi=$p: one MPI world of $want rank(s), on nodes (rank order) ${world#* }${tried[*]:+ (not ${tried[*]})}"
+            fedmoe_say "srun --mpi=$p: one MPI world of $want rank(s), on nodes (rank order) ${world#* }${tried[*]:+ (not ${tried[*]})}${MPIR_CVAR_CH4_NETMOD:+; MPIR_CVAR_CH4_NETMOD=$MPIR_CVAR_CH4_NETMOD}"
             return 0
         fi
         if (( rc != 0 )); then
