@@ -141,6 +141,9 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
 JobRequeue=1
+# Job ids that an earlier cluster did not use: a job's log (--open-mode=append) and MPICH's
+# shared-memory segment names (which killed ranks leave in /dev/shm) derive from them.
+FirstJobId=$(( $(date +%s) % 60000000 + 1 ))
 ReturnToService=2
 KillWait=5
 # Finished jobs stay visible to scontrol for an hour (default 300 s).
