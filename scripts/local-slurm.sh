@@ -74,7 +74,6 @@ port_free() {
 pick_port() {
     local count=$1 try port i ok
     if [[ -n ${LOCAL_SLURM_PORT:-} ]]; then
-        [[ $LOCAL_SLURM_PORT =~ ^[0-9]+$ ]] || bad "LOCAL_SLURM_PORT=$LOCAL_SLURM_PORT: not a port number"
         echo "$LOCAL_SLURM_PORT"
         return
     fi
@@ -169,8 +168,24 @@ wait_idle() {
 
 cmd_up() {
     local missing host port nodes cpus gpus i
+    # Bad input first (one line, exit 2), then what this machine lacks (exit 1).
+    nodes=${LOCAL_SLURM_NODES:-2}
+    gpus=${LOCAL_SLURM_GPUS:-8}
+    cpus=${LOCAL_SLURM_CPUS:-$(nproc)}
+    [[ $nodes =~ ^[1-9][0-9]?$ ]] || bad "LOCAL_SLURM_NODES=$nodes: not a node count (1-99)"
+    [[ $gpus =~ ^[0-9]+$ ]] || bad "LOCAL_SLURM_GPUS=$gpus: not a GPU count"
+    [[ $cpus =~ ^[1-9][0-9]*$ ]] || bad "LOCAL_SLURM_CPUS=$cpus: not a CPU count"
+    if [[ -n ${LOCAL_SLURM_PORT:-} && ! ${LOCAL_SLURM_PORT} =~ ^[1-9][0-9]{0,4}$ ]]; then
+        bad "LOCAL_SLURM_PORT=$LOCAL_SLURM_PORT: not a port number"
+    fi
+    if [[ -e $DIR && ! -e $MARK && -n $(ls -A "$DIR" 2>/dev/null) ]]; then
+        bad "$DIR exists and was not made by this script: set LOCAL_SLURM_DIR to a new directory"
+    fi
     missing=$(missing_commands)
     if [[ -n $missing ]]; then
+        if [[ -x /usr/sbin/slurmctld && :$PATH: != *:/usr/sbin:* ]]; then
+            die "not on PATH: $missing (the daemons are in /usr/sbin: PATH=\$PATH:/usr/sbin)"
+        fi
         die "not on PATH: $missing (as root: apt-get install --no-install-recommends slurmctld slurmd slurm-client munge)"
     fi
     if live_pid slurmctld slurmctld > /dev/null; then
@@ -178,17 +193,8 @@ cmd_up() {
         echo "export SLURM_CONF=$CONF"
         return 0
     fi
-    if [[ -e $DIR && ! -e $MARK && -n $(ls -A "$DIR" 2>/dev/null) ]]; then
-        bad "$DIR exists and was not made by this script: set LOCAL_SLURM_DIR to a new directory"
-    fi
-    nodes=${LOCAL_SLURM_NODES:-2}
-    gpus=${LOCAL_SLURM_GPUS:-8}
-    [[ $nodes =~ ^[1-9][0-9]?$ ]] || bad "LOCAL_SLURM_NODES=$nodes: not a node count (1-99)"
-    [[ $gpus =~ ^[0-9]+$ ]] || bad "LOCAL_SLURM_GPUS=$gpus: not a GPU count"
     host=$(hostname -s)
     port=$(pick_port "$nodes")
-    cpus=${LOCAL_SLURM_CPUS:-$(nproc)}
-    [[ $cpus =~ ^[1-9][0-9]*$ ]] || bad "LOCAL_SLURM_CPUS=$cpus: not a CPU count"
     mkdir -p "$DIR"
     touch "$MARK"
     # munged wants every directory above its socket open to all (a pytest tmp dir is not): the
