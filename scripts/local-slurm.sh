@@ -140,8 +140,8 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
 JobRequeue=1
-# Job ids that an earlier cluster did not use: a job's log (--open-mode=append) and MPICH's
-# shared-memory segment names (which killed ranks leave in /dev/shm) derive from them.
+# Job ids that an earlier cluster did not use: a job's log is appended to (--open-mode=append),
+# and MPICH names its shared memory (which killed ranks leave in /dev/shm) after the step.
 FirstJobId=$(( $(date +%s) % 60000000 + 1 ))
 ReturnToService=2
 KillWait=5
