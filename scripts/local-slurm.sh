@@ -141,7 +141,8 @@ SelectTypeParameters=CR_Core
 MpiDefault=none
 JobRequeue=1
 # Job ids that an earlier cluster did not use: a job's log is appended to (--open-mode=append),
-# and MPICH names its shared memory (which killed ranks leave in /dev/shm) after the step.
+# and with ids restarting at 1 MPI_Init once failed in MPICH's shared-memory bootstrap (killed
+# ranks leave its files in /dev/shm).
 FirstJobId=$(( $(date +%s) % 60000000 + 1 ))
 ReturnToService=2
 KillWait=5
