@@ -8,17 +8,18 @@
 # 1. activates the venv (FEDMOE_VENV, default .venv);
 # 2. resumes RUN_DIR when it holds a run (checkpoints/latest, or config.yaml + metrics.jsonl),
 #    else starts `fedmoe run --config CONFIG --out RUN_DIR [--set ...]`;
-# 3. checks that srun gives the ranks one MPI world (a short step), then starts the ranks with
-#    srun in the background (bash runs a trap only once a foreground child has returned);
-#    each rank writes RUN_DIR/logs/<jobid>-rank<task>.log;
+# 3. picks the srun MPI plugin by trying it in a short step that must give the ranks one MPI
+#    world (fedmoe_pick_mpi), then starts the ranks with srun in the background (bash runs a
+#    trap only once a foreground child has returned); each rank writes
+#    RUN_DIR/logs/<jobid>-rank<task>.log;
 # 4. on SIGUSR1 (sbatch --signal=B:USR1@120) or SIGTERM, sends SIGUSR1 to the srun step: every
 #    rank stops at the next client boundary, the completed rounds are checkpointed, all exit 0;
 # 5. srun exit 0 and no RUN_DIR/final/adapter.safetensors: `scontrol requeue $SLURM_JOB_ID`;
 #    the requeued job runs this script again and takes the resume branch. srun exit != 0:
 #    no requeue (an error would repeat); the job fails with srun's status.
 #
-# Environment: FEDMOE_SRUN_MPI (srun --mpi plugin; default pmix when `srun --mpi=list` lists
-# it, else pmi2), FEDMOE_TASKS_PER_NODE (ranks per node, "2,2,4": from `fedmoe plan --sbatch`
+# Environment: FEDMOE_SRUN_MPI (the srun --mpi plugin; default: the first of pmix, pmi2, none
+# that works), FEDMOE_TASKS_PER_NODE (ranks per node, "2,2,4": from `fedmoe plan --sbatch`
 # when the nodes hold different numbers of ranks), FEDMOE_MAX_REQUEUES (default 50),
 # FEDMOE_SRUN_ARGS (extra srun options, split on spaces). Set by the calling script:
 # SRUN_GROUP_ARGS (an array: --ntasks=N, or --het-group=0,1,... in a het job) and FEDMOE_NTASKS
@@ -33,15 +34,54 @@ fedmoe_die() {
     exit 2
 }
 
-# The srun MPI plugin: FEDMOE_SRUN_MPI, else pmix when srun lists it, else pmi2.
-fedmoe_mpi_plugin() {
+# The srun MPI plugin, tested rather than guessed: with FEDMOE_SRUN_MPI only that one, else pmix,
+# pmi2 and none in that order (those `srun --mpi=list` lists, all three if it lists none). The
+# first under which a short step gives the ranks one MPI world of FEDMOE_NTASKS becomes
+# FEDMOE_MPI. A listed plugin may still not load: Debian's SLURM lists pmix without the PMIx
+# library, and srun then fails at once. Under none, MPICH's ranks are singletons (worlds of 1).
+# Arguments: RUN_DIR, then srun's other arguments.
+fedmoe_pick_mpi() {
+    local run_dir=$1 want=${FEDMOE_NTASKS:-${SLURM_NTASKS:-0}} listed candidates=() tried=() p
+    shift
     if [[ -n ${FEDMOE_SRUN_MPI:-} ]]; then
-        echo "$FEDMOE_SRUN_MPI"
-        return
+        candidates=("$FEDMOE_SRUN_MPI")
+    else
+        listed=$(srun --mpi=list 2>&1 || true)
+        for p in pmix pmi2 none; do
+            if grep -qE "^[[:space:]]+$p\$" <<< "$listed"; then candidates+=("$p"); fi
+        done
+        (( ${#candidates[@]} )) || candidates=(pmix pmi2 none)
     fi
-    local plugins
-    plugins=$(srun --mpi=list 2>&1 || true)
-    if [[ $plugins == *pmix* ]]; then echo pmix; else echo pmi2; fi
+    for p in "${candidates[@]}"; do
+        local log="$run_dir/logs/${SLURM_JOB_ID}-mpicheck-$p.log" world rc=0 why
+        if [[ $p == pmi2 && -z ${MPIR_CVAR_CH4_NETMOD:-} ]]; then
+            # The `mpich` wheel's default netmod, UCX, has addresses too long for srun's pmi2
+            # server: MPICH splits them over several PMI values, a line overflows the server's
+            # buffer, and with ranks on two nodes MPI_Init fails or hangs now and then
+            # ("mpi/pmi2: value not properly terminated"; pmodels/mpich#6924; PMI-1 hangs the
+            # same way). The wheel's other netmod, OFI (libfabric), has short addresses. Only
+            # mpi4py's small cross-group messages use it; other MPIs ignore the variable.
+            export MPIR_CVAR_CH4_NETMOD=ofi
+        fi
+        # srun's own errors (a plugin that does not load) and the tasks' stderr both go to $log.
+        # Rank 0 prints the world size and each rank's node.
+        world=$(srun "$@" --mpi="$p" python -c 'import os; from mpi4py import MPI; c = MPI.COMM_WORLD
+n = c.gather(os.environ.get("SLURMD_NODENAME", "?"))
+print(c.Get_size(), *n) if c.Get_rank() == 0 else None' 2> "$log") || rc=$?
+        if (( rc == 0 )) && [[ $world != *$'\n'* && ${world%% *} == "$want" ]]; then
+            FEDMOE_MPI=$p
+            fedmoe_say "srun --mpi=$p: one MPI world of $want rank(s), on nodes (rank order) ${world#* }${tried[*]:+ (not ${tried[*]})}${MPIR_CVAR_CH4_NETMOD:+; MPIR_CVAR_CH4_NETMOD=$MPIR_CVAR_CH4_NETMOD}"
+            return 0
+        fi
+        if (( rc != 0 )); then
+            why="srun exited $rc: $(grep -m1 -i error "$log" || tail -n1 "$log" || true)"
+        else
+            why="$want task(s) but MPI saw the world(s) '${world//$'\n'/; }' (size, nodes)"
+        fi
+        fedmoe_say "srun --mpi=$p does not work here: $why (log: $log)"
+        tried+=("$p")
+    done
+    fedmoe_die "no srun MPI plugin of (${candidates[*]}) gives the ranks one MPI world of $want: mpi4py's MPI does not talk to this SLURM (set FEDMOE_SRUN_MPI, or build mpi4py against the site MPI); logs: $run_dir/logs/${SLURM_JOB_ID}-mpicheck-*.log"
 }
 
 # FEDMOE_TASKS_PER_NODE="2,2,4": a host list with each node repeated that many times, for
@@ -79,6 +119,11 @@ fedmoe_job() {
     fi
     local config=$1 run_dir=$2
     shift 2
+    # First: a signal before the traps would kill this script, and the job with it, unrequeued.
+    FEDMOE_STOPPING=0
+    FEDMOE_SRUN_PID=
+    trap 'fedmoe_forward USR1' USR1
+    trap 'fedmoe_forward TERM' TERM
     [[ -f pyproject.toml && -d pipeline ]] || fedmoe_die "$PWD is not the fedmoe repository: submit from its root (or set FEDMOE_REPO)"
     local venv=${FEDMOE_VENV:-.venv}
     [[ -f $venv/bin/activate ]] || fedmoe_die "no virtual environment at $venv (run \`make venv\` on a login node, or set FEDMOE_VENV)"
@@ -106,9 +151,7 @@ fedmoe_job() {
     fi
     mkdir -p "$run_dir/logs"
 
-    local mpi
-    mpi=$(fedmoe_mpi_plugin)
-    local srun_args=("${SRUN_GROUP_ARGS[@]}" --mpi="$mpi" --kill-on-bad-exit=1)
+    local srun_args=("${SRUN_GROUP_ARGS[@]}" --kill-on-bad-exit=1)
     if [[ -n ${FEDMOE_TASKS_PER_NODE:-} ]]; then
         SLURM_HOSTFILE=$(fedmoe_hostfile "$run_dir")
         export SLURM_HOSTFILE
@@ -121,20 +164,10 @@ fedmoe_job() {
         srun_args+=("${extra[@]}")
     fi
 
-    FEDMOE_STOPPING=0
-    FEDMOE_SRUN_PID=
-    trap 'fedmoe_forward USR1' USR1
-    trap 'fedmoe_forward TERM' TERM
-
     # One MPI world, or every rank would run alone and write the run directory.
-    local want=${FEDMOE_NTASKS:-${SLURM_NTASKS:-0}} world
-    world=$(srun "${srun_args[@]}" --error="$run_dir/logs/${SLURM_JOB_ID}-mpicheck.log" \
-        python -c 'from mpi4py import MPI; c = MPI.COMM_WORLD; print(c.Get_size()) if c.Get_rank() == 0 else None') \
-        || fedmoe_die "the MPI check step failed (srun --mpi=$mpi; see $run_dir/logs/${SLURM_JOB_ID}-mpicheck.log)"
-    if [[ $world != "$want" ]]; then
-        fedmoe_die "srun --mpi=$mpi started ${want} task(s) but MPI saw a world of '${world//$'\n'/ }' (mpi4py's MPI does not talk to this srun plugin: set FEDMOE_SRUN_MPI, or build mpi4py against the site MPI)"
-    fi
-    fedmoe_say "srun --mpi=$mpi: one MPI world of $world rank(s); rank logs: $run_dir/logs/${SLURM_JOB_ID}-rank<task>.log"
+    fedmoe_pick_mpi "$run_dir" "${srun_args[@]}"
+    srun_args+=(--mpi="$FEDMOE_MPI")
+    fedmoe_say "rank logs: $run_dir/logs/${SLURM_JOB_ID}-rank<task>.log"
     if (( FEDMOE_STOPPING )); then
         fedmoe_say "stopped before the run started; requeueing"
     else

@@ -116,11 +116,10 @@ def sbatch_plan(group_sizes: Sequence[int], gpus_per_node: int = 8) -> SbatchPla
 
 def submit_command(plan: SbatchPlan, config: str, run_dir: str, overrides: Sequence[str],
                    script: str = SBATCH_SCRIPT) -> str:
-    words = ["sbatch", *plan.options()]
-    env = plan.env()
-    if env:
-        words.append("--export=ALL," + ",".join(f"{k}={v}" for k, v in env.items()))
-    words += [script, config, run_dir]
+    # The variables go in sbatch's environment, which it passes on (--export=ALL, the default):
+    # `--export=ALL,FEDMOE_TASKS_PER_NODE=2,2,3,1` splits at the commas and the job gets "2".
+    words = [f"{k}={v}" for k, v in plan.env().items()]
+    words += ["sbatch", *plan.options(), script, config, run_dir]
     for override in overrides:
         words += ["--set", override]
     return " ".join(shlex.quote(w) for w in words)
