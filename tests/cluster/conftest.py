@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,14 +88,16 @@ def slurm_unavailable() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
+def slurm_cluster():
     """One cluster for the session: 2 nodes of 4 CPUs and 4 GPUs (by count; this machine's cores,
     shared) so that a test's job and the time-limit job fit side by side. Skips without SLURM's packages; a
     cluster that is installed but does not start is an error."""
     reason = slurm_unavailable()
     if reason:
         pytest.skip(reason)
-    directory = tmp_path_factory.mktemp("slurm")
+    # Not under pytest's basetemp: a concurrent session (same user) prunes old basetemps, and a
+    # pruned directory would take the pid files that `down` stops the daemons by.
+    directory = Path(tempfile.mkdtemp(prefix="fedmoe-slurm-test-"))
     env = {**_job_environment(directory / "slurm.conf"), "LOCAL_SLURM_DIR": str(directory),
            "LOCAL_SLURM_NODES": "2", "LOCAL_SLURM_CPUS": "4", "LOCAL_SLURM_GPUS": "4"}
     up = subprocess.run([str(LOCAL_SLURM), "up"], env=env, capture_output=True, text=True, timeout=120)
@@ -104,3 +107,4 @@ def slurm_cluster(tmp_path_factory):
     finally:
         down = subprocess.run([str(LOCAL_SLURM), "down"], env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0, down.stderr
+        shutil.rmtree(directory, ignore_errors=True)
