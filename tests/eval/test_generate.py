@@ -9,20 +9,13 @@ from pipeline.errors import ConfigError
 from pipeline.eval.generate import evaluate_generate, greedy_generate
 from pipeline.eval.scoring import evaluate_choices, evaluate_examples, option_scores
 from pipeline.model import build_model, patch_olmoe, set_top_k
+from tests.model.conftest import one_thread  # noqa: F401 - the same autouse fixture as tests/model
 
 WORDS = [f"w{i}" for i in range(40)] + [str(i) for i in range(20)]  # 60 words + 3 specials < 64
 CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, num_experts=8, num_experts_per_tok=4, max_position_embeddings=64,
               eos_token_id=None, pad_token_id=0)
 PROMPTS = ["w1 w2 w3", "w4", "w5 w6 w7 w8 w9 w10 w11", "3 4 5", "w12 w13", "w0 w39 1 2 w7"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
