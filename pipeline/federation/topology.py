@@ -19,7 +19,7 @@ single-process path is the embedded default.
 Expert parallelism inside a group: a tier's `ep_size` (a divisor of its `ranks` and of the
 expert count) splits the group's torch world into DeepSpeed's expert-parallel groups of
 `ep_size` consecutive ranks, each rank holding its share of every layer's experts and their
-LoRA (pipeline/engine/expert_parallel.py, pipeline/model/expert_parallel.py).
+LoRA (pipeline/engine/expert_parallel.py). A group's degrees are its `GroupSpec.dims`.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from pipeline.config import Config
+from pipeline.engine.parallel_dims import ParallelDims
 from pipeline.errors import UserError
 
 # Set by MPI launchers (MPICH/Hydra, Open MPI, PMIx, srun --mpi=pmi2): without one of them we
@@ -40,10 +41,15 @@ class GroupSpec:
     index: int
     tier: str | None  # the tier whose clients it serves; None: the single-process group (all)
     ranks: tuple[int, ...]  # world ranks, contiguous; ranks[0] is the group leader
+    ep: int = 1  # the tier's expert-parallel degree (tiers[].ep_size)
 
     @property
     def size(self) -> int:
         return len(self.ranks)
+
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(self.size, self.ep)
 
 
 @dataclass(frozen=True)
@@ -87,15 +93,15 @@ class Layout:
         return [sorted(c) for c in out]
 
 
-def _fill(ranks_per_tier: Sequence[tuple[str, int]], world_size: int) -> tuple[list[GroupSpec], int]:
+def _fill(tiers: Sequence[tuple[str, int, int]], world_size: int) -> tuple[list[GroupSpec], int]:
     groups: list[GroupSpec] = []
     next_rank = 0
     added = True
     while added:
         added = False
-        for name, size in ranks_per_tier:
+        for name, size, ep in tiers:
             if world_size - next_rank >= size:
-                groups.append(GroupSpec(len(groups), name, tuple(range(next_rank, next_rank + size))))
+                groups.append(GroupSpec(len(groups), name, tuple(range(next_rank, next_rank + size)), ep))
                 next_rank += size
                 added = True
     return groups, world_size - next_rank
@@ -107,9 +113,9 @@ def plan_layout(cfg: Config, world_size: int) -> Layout:
         raise UserError(f"ranks: must be >= 1, got {world_size}")
     if world_size == 1:  # the embedded default: one process trains every tier's clients
         return Layout(1, (GroupSpec(0, None, (0,)),))
-    wanted = [(t.name, t.ranks) for t in cfg.tiers]
+    wanted = [(t.name, t.ranks, t.ep_size) for t in cfg.tiers]
     groups, left = _fill(wanted, world_size)
-    sizes = ", ".join(f"{n}: {r}" for n, r in wanted)
+    sizes = ", ".join(f"{n}: {r}" for n, r, _ in wanted)
     if left:
         fits = [n for n in range(max(2, world_size - 16), world_size + 17) if _fill(wanted, n)[1] == 0]
         below = [n for n in fits if n < world_size]
