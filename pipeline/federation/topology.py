@@ -131,17 +131,6 @@ def plan_layout(cfg: Config, world_size: int) -> Layout:
     return Layout(world_size, tuple(groups))
 
 
-def layout_rows(layout: Layout, cfg: Config) -> list[dict]:
-    """One row per group, for `fedmoe plan` and the run log."""
-    rows = []
-    for g in layout.groups:
-        port = "auto" if cfg.federation.master_port is None else str(cfg.federation.master_port + g.index)
-        ranks = f"{g.ranks[0]}" if g.size == 1 else f"{g.ranks[0]}-{g.ranks[-1]}"
-        rows.append({"group": g.index, "tier": g.tier or "all", "ranks": ranks, "size": g.size,
-                     "port": port})
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------
 # Run time: this rank's place in the layout, its communicators and its torch.distributed world
 
@@ -267,29 +256,3 @@ def current_topology(cfg: Config) -> Topology:
     elif _CURRENT.layout != layout:  # the torch worlds of the first layout are already up
         raise RuntimeError("a second config with a different MPI layout in one process")
     return _CURRENT
-
-
-def plan_tables(cfg: Config, layout: Layout, rounds: int = 3) -> list:
-    """Rich tables for `fedmoe plan`: the groups, and which clients each serves in the first
-    rounds (the same draw the run makes)."""
-    from rich.table import Table
-
-    from pipeline.federation.sampling import assign_tiers, sample_clients
-
-    groups = Table(title=f"{layout.world_size} rank(s) -> {len(layout.groups)} client group(s)")
-    for column in ("group", "tier", "world ranks", "ranks", "torch port"):
-        groups.add_column(column)
-    for row in layout_rows(layout, cfg):
-        groups.add_row(str(row["group"]), row["tier"], row["ranks"], str(row["size"]), row["port"])
-    fed = cfg.federation
-    client_tiers = [t.name for t in assign_tiers(fed.clients, cfg.tiers, cfg.seed)]
-    served = Table(title="clients per group (client:tier)")
-    served.add_column("round")
-    for g in layout.groups:
-        served.add_column(f"group {g.index}")
-    for round_ in range(1, min(rounds, fed.rounds) + 1):
-        clients = sample_clients(fed.clients, fed.clients_per_round, cfg.seed, round_)
-        per_group = layout.assign(clients, client_tiers)
-        served.add_row(str(round_), *(" ".join(f"{c}:{client_tiers[c]}" for c in cs) or "-"
-                                      for cs in per_group))
-    return [groups, served]
