@@ -76,7 +76,7 @@ def build(cfg: Config, run_dir: Path, resume_offset: int | None, parts=None) -> 
     topology.init_torch(cfg.federation.master_port)  # this group's own torch.distributed world
     engine = ClientEngine(model, cfg.train, cfg.deepspeed, topology.group.dims)
     strategy.group_sums = engine.group_sums  # its gradient hooks sum over the group with these
-    shards = expert_shards(topology, strategy, model.config.num_experts)
+    shards = sharded_aggregation(topology, strategy, model.config.num_experts)
     if shards is not None:  # from here on this rank holds only its experts' adapters
         strategy.shard_experts(*shards.range)
         engine.sharded_io = True
@@ -88,7 +88,7 @@ def build(cfg: Config, run_dir: Path, resume_offset: int | None, parts=None) -> 
                       data, tokenizer, engine, strategy, metrics, topology=topology, shards=shards)
 
 
-def expert_shards(topology: Topology, strategy: Strategy, num_experts: int) -> ExpertShards | None:
+def sharded_aggregation(topology: Topology, strategy: Strategy, num_experts: int) -> ExpertShards | None:
     """Expert-sharded aggregation when some group is expert-parallel and the method allows it."""
     if not topology.distributed or not strategy.expert_sharded:
         return None

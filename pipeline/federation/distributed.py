@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from pipeline.federation.collectives import PackedSums, agree, allreduce_sums, local_spec, union_spec
+from pipeline.federation.collectives import PackedSums, gather_from_leaders, allreduce_sums, local_spec, union_spec
 from pipeline.federation.expert_shards import ExpertShards, whole_spec
 
 _LOAD = "\x00load/"  # expert loads per tier ride in the same buffer as the contributions
@@ -125,7 +125,7 @@ def reduce_round(topology, timeout: float, metrics, sums: PackedSums,
             "experts": whole_spec(local_spec(experts), shards.num_experts) if shards else []}
     watchdog.arrive("the end of the round (waiting for every client group)")
     with watchdog.guard("the end-of-round metadata allgather"):
-        groups = agree(mine, topology.group_comm, topology.leaders)
+        groups = gather_from_leaders(mine, topology.group_comm, topology.leaders)
     spec = union_spec([g["spec"] for g in groups])
     with watchdog.guard("the cross-group Allreduce of client contributions"):
         total = allreduce_sums(sums, spec, topology.group_comm, topology.leaders)

@@ -55,9 +55,9 @@ def write_final(fed: Federation) -> Path:
     elif fed.writes:
         checkpoint.clear_dir(tmp)
     if fed.writes:
-        shards = checkpoint.expert_shards(tmp)
+        shards = checkpoint.expert_shard_files(tmp)
         if shards:
-            checkpoint.join_expert_shards(tmp / "adapter.safetensors", adapters, shards)
+            checkpoint.join_expert_shard_files(tmp / "adapter.safetensors", adapters, shards)
             for _, _, path in shards:
                 path.unlink()
         else:

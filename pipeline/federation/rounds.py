@@ -106,7 +106,7 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
         load[tier] = load.get(tier, 0) + update.expert_token_counts
         fed.metrics.log("client", round=round_, client=client, tier=tier, top_k=update.top_k,
                         lora_rank=update.lora_rank, n_samples=update.n_samples, **update.metrics)
-    if signals.agree(fed.topology, cfg.federation.collective_timeout):  # any rank stopped: drop the round
+    if signals.any_stopped(fed.topology, cfg.federation.collective_timeout):  # any rank stopped: drop the round
         raise signals.Preempted(round_ - 1, offset)
     packed = sums  # every group's sums, loads and updates, identical on all ranks
     distributed = fed.topology is not None and fed.topology.distributed

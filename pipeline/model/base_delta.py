@@ -11,7 +11,7 @@ all-gathered pristine base while it holds all experts (`gathered_pristine`), so 
 (evaluation, export) applies to the full weights.
 
 Under ZeRO-3 the base weights are partitioned: each is gathered whole, written and partitioned
-again (pipeline.model.zero3; every rank of the group calls this with the same deltas), and the
+again (pipeline.model.partitioned; every rank of the group calls this with the same deltas), and the
 pristine copy stays on the CPU so that it does not undo ZeRO-3's saving on the device.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pipeline.model.lora import LoRALinear
 from pipeline.model.moe_block import HeteroMoEBlock
-from pipeline.model.zero3 import gathered, is_partitioned
+from pipeline.model.partitioned import gathered, is_partitioned
 
 PRISTINE = "_fedmoe_pristine_base"
 EXPERT_PAIRS = {"gate_up_proj": "lora_gate_up", "down_proj": "lora_down"}  # base weight -> pair
