@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from pipeline.engine.parallel_dims import ParallelDims
+from pipeline.model.adapters import moe_blocks
 from pipeline.model.base_delta import gathered_pristine
 from pipeline.model.moe_block import EXPERT_LORA_NAMES, HeteroMoEBlock, gather_rows
 
@@ -84,7 +85,7 @@ class ExpertParallel:
         """Keep only this rank's experts in every MoE block and route their tokens through this
         exchange; returns the blocks. The expert tensors become new Parameters holding the
         local slice, so call this before the optimizer exists."""
-        blocks = [m for m in model.modules() if isinstance(m, HeteroMoEBlock)]
+        blocks = moe_blocks(model)
         for block in blocks:
             e0, e1 = self.expert_range(block.num_experts)
             for owner, name in _expert_params(block):

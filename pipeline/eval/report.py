@@ -27,7 +27,7 @@ from matplotlib.ticker import MaxNLocator
 
 from pipeline.eval.balance import LOW_LOAD, balance_stats
 from pipeline.eval.divergence import report_lines
-from pipeline.eval.metrics import read_metrics
+from pipeline.eval.metrics import is_number, percent, read_metrics
 
 __all__ = ["write_report", "load_summary"]
 
@@ -77,14 +77,14 @@ def collect(run_dir: Path) -> RunData:
         if kind == "eval" and _is_int(round_) and round_ >= 0 and "tier" in event:
             _add_tier(data, event["tier"])
             data.evals[str(event["tier"])][round_] = event
-            if _is_num(event.get("chance")):
+            if is_number(event.get("chance")):
                 data.chance = float(event["chance"])
-        elif kind == "client" and _is_int(round_) and _is_num(event.get("train_loss")):
+        elif kind == "client" and _is_int(round_) and is_number(event.get("train_loss")):
             tier = str(event.get("tier", "?"))
             _add_tier(data, tier)
             data.train_loss[tier][round_].append(float(event["train_loss"]))
         elif kind == "round" and _is_int(round_):
-            if _is_num(event.get("seconds")):
+            if is_number(event.get("seconds")):
                 data.round_seconds[round_] = float(event["seconds"])
             _add_load(data, event.get("expert_load") or {}, round_)
         elif kind == "reject":
@@ -123,7 +123,7 @@ def _config_tiers(config: dict) -> list[str]:
 
 def _config_chance(config: dict) -> float | None:
     for section in (config, config.get("eval"), config.get("data")):
-        if isinstance(section, dict) and _is_num(section.get("chance")):
+        if isinstance(section, dict) and is_number(section.get("chance")):
             return float(section["chance"])
     return None
 
@@ -132,8 +132,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_num(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +148,7 @@ def relative_load(load: np.ndarray) -> np.ndarray:
 
 def _tier_summary(rows: dict[int, dict]) -> dict:
     rounds = sorted(rows)
-    scored = [r for r in rounds if _is_num(rows[r].get("accuracy"))]
+    scored = [r for r in rounds if is_number(rows[r].get("accuracy"))]
     base = rows[0].get("accuracy") if 0 in scored else None
     final_round = scored[-1] if scored else None
     final = rows[final_round]["accuracy"] if scored else None
@@ -229,7 +227,7 @@ def plot_accuracy(data: RunData, path: Path) -> None:
     ax = fig.add_subplot()
     for tier in tiers:
         rows = data.evals[tier]
-        rounds = [r for r in sorted(rows) if _is_num(rows[r].get("accuracy"))]
+        rounds = [r for r in sorted(rows) if is_number(rows[r].get("accuracy"))]
         top_k = rows[rounds[-1]].get("top_k") if rounds else None
         label = tier if top_k is None else f"{tier} (top_k={top_k})"
         ax.plot(rounds, [rows[r]["accuracy"] for r in rounds], marker="o", label=label)
@@ -301,10 +299,6 @@ def plot_train_loss(data: RunData, path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Markdown
-
-
-def percent(value: float | None) -> str:
-    return "—" if value is None else f"{value * 100:.2f}%"
 
 
 def points(value: float | None) -> str:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.model.lora import ScaledLoRA
+
 # Expert-LoRA parameter names on the block: (name, factor, projection).
 EXPERT_LORA_NAMES = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
 
@@ -155,7 +157,7 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class HeteroMoEBlock(nn.Module):
+class HeteroMoEBlock(ScaledLoRA, nn.Module):
     """Drop-in replacement for `OlmoeSparseMoeBlock`: `forward(hidden [B, S, H]) -> [B, S, H]`.
 
     Attributes read on every call: `top_k` (experts per token), `active_rank` (LoRA rank in use,
@@ -220,12 +222,6 @@ class HeteroMoEBlock(nn.Module):
     @property
     def has_lora(self) -> bool:
         return self.rank > 0
-
-    @property
-    def scale(self) -> float:
-        if self.scale_override is not None:
-            return self.scale_override
-        return self.lora_alpha / self.active_rank
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
