@@ -3,7 +3,7 @@
 Per client only the adapters, the optimizer state and the model setting (`use`) change; the
 model and the engine are built once. Under ZeRO 1/2 (and bf16) DeepSpeed keeps fp32 master
 copies of the trainable tensors, so adapters are written with `safe_set_full_fp32_param` as
-well as into `p.data`, and read back with `safe_get_full_fp32_param` (NOTES-stack.md).
+well as into `p.data`, and read back with `safe_get_full_fp32_param`.
 Under ZeRO-3 `p.data` is only a partition (zero3.py): `p.data` is written through
 `GatheredParameters`, and each MoE block is a ZeRO-3 leaf module, so its fused experts are
 gathered once per block, not inside its expert loop.

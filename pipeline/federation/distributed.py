@@ -68,9 +68,8 @@ class Watchdog:
         """Wait until every rank reached this point, sleeping between polls.
 
         MPI implementations spin in blocking collectives; ranks that finished their clients
-        early would then take the CPU from the ones still training or evaluating (the tiny 4-rank
-        run on 2 shared cores: 59 s with blocking waits, 39 s with this; one measurement each).
-        The collectives that follow find everyone present.
+        early would then take the CPU from the ones still training or evaluating when ranks share
+        cores. The collectives that follow find everyone present.
         """
         request = self.comm.Ibarrier()
         deadline = time.monotonic() + self.limit if self.limit else None

@@ -1,4 +1,4 @@
-"""MPI world -> client groups (DESIGN.md, Topology): the layout, and each rank's handles.
+"""MPI world -> client groups: the layout, and each rank's handles.
 
 The layout is pure: from the tiers (`tiers[].ranks`, default 1) and the number of ranks it makes
 client groups of contiguous world ranks, tiers taken in config order round-robin while ranks

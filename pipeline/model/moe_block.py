@@ -65,8 +65,8 @@ class _ExpertLoRALinear(torch.autograd.Function):
 
     Autograd through grouped_mm calls gives the same numbers, but the rank-r products are bound
     by memory, not FLOPs, and their layout decides their speed: on CPU, keeping the rank-r
-    intermediates as [r, S] (`A_e @ x^T` rather than `x @ A_e^T`) and B as [E, r, out] made the
-    LoRA part of a step about 40% faster than autograd's choice, and writing in place saves the
+    intermediates as [r, S] (`A_e @ x^T` rather than `x @ A_e^T`) and B as [E, r, out] is
+    faster than autograd's choice, and writing in place saves the
     [S, out] LoRA output and the second input gradient that autograd allocates only to add.
     CPU grouped_mm is itself a loop of per-group GEMMs, so the explicit loop over experts
     loses nothing; other devices run the same products as grouped_mm calls.
