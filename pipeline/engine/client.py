@@ -135,7 +135,6 @@ class ClientEngine:
         if dims is None:  # data-parallel over the whole torch world
             dims = ParallelDims(dist.get_world_size() if dist.is_initialized() else 1)
         self.dims = dims
-        self.dp_size = dims.ranks
         self.dp_rank = dist.get_rank() if dims.ranks > 1 else 0
         self.train_cfg = train
         self.sharded_io = False
@@ -164,6 +163,10 @@ class ClientEngine:
             model=model, optimizer=optimizer, config=config, dist_init_required=False)
         self.zero_stage = ds.zero_stage
         self.keeps_master_copy = ds.zero_stage > 0 or train.precision == "bf16"
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.ranks
 
     @property
     def model(self) -> torch.nn.Module:
