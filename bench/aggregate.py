@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from pipeline.federation.collectives import PackedSums, agree, allreduce_sums, local_spec, union_spec
+from pipeline.federation.collectives import PackedSums, gather_from_leaders, allreduce_sums, local_spec, union_spec
 
 
 def contribution(total_bytes: int, tensor_bytes: int, rank: int) -> dict[str, torch.Tensor]:
@@ -76,7 +76,7 @@ def main() -> None:
         raw = np.random.default_rng(rank).standard_normal(nbytes // 8)
 
         def layout():
-            return union_spec(agree(local_spec(sums.packed_tensors()), group_comm, leaders))
+            return union_spec(gather_from_leaders(local_spec(sums.packed_tensors()), group_comm, leaders))
 
         spec = layout()
         runs = {"raw": lambda: leaders.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM),

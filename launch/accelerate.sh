@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# fedmoe under `accelerate launch` (torchrun-style ranks; see README.md, "Under torchrun or accelerate launch").
+# fedmoe under `accelerate launch` (torchrun-style ranks; see docs/distributed.md, "torchrun and accelerate launch").
 #   launch/accelerate.sh [ACCELERATE OPTIONS --] run --config F --out DIR [--set ...]
 #   launch/accelerate.sh --num_processes 8 -- resume DIR
 # Options before `--` go to accelerate (they override launch/accelerate.yaml); the rest to

@@ -266,7 +266,7 @@ def load_checkpoint(path: Path, expert_range: tuple[int, int] | None = None
     try:
         meta = load_meta(path)
         tensors = load_file(str(path / TENSORS))
-        tensors.update(read_expert_rows(expert_shards(path), expert_range))
+        tensors.update(read_expert_rows(expert_shard_files(path), expert_range))
     except (OSError, ValueError, RuntimeError) as exc:  # safetensors raises its own errors as these
         raise UserError(f"{path}: unreadable checkpoint ({exc})") from None
     return tensors, meta
@@ -283,7 +283,7 @@ def save_expert_shard(directory: Path, tensors: dict[str, Tensor], start: int, s
     return path
 
 
-def expert_shards(directory: Path) -> list[tuple[int, int, Path]]:
+def expert_shard_files(directory: Path) -> list[tuple[int, int, Path]]:
     """(start, stop, file) of the expert shards in `directory`, by start."""
     out = []
     for path in Path(directory).glob("experts-*-*.safetensors"):
@@ -312,7 +312,7 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
                        torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32"}
 
 
-def join_expert_shards(out: Path, tensors: dict[str, Tensor], shards: list[tuple[int, int, Path]]) -> None:
+def join_expert_shard_files(out: Path, tensors: dict[str, Tensor], shards: list[tuple[int, int, Path]]) -> None:
     """One safetensors file of `tensors` plus the shards' tensors joined along experts.
 
     Written by hand (the format is an 8-byte header length, a JSON header of dtypes, shapes

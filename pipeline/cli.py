@@ -208,23 +208,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         compare(Path(args.spec), Path(args.out), args.jobs, args.overrides, command, args.force)
         return 0
     if args.command == "plan":
-        from rich.console import Console
+        from pipeline.plan import show_plan
 
-        from pipeline.federation.topology import plan_layout, plan_tables
-
-        cfg = load_config(args.config, args.overrides)
-        console = Console()
-        for table in plan_tables(cfg, plan_layout(cfg, args.ranks), args.rounds):
-            console.print(table)
-        from pipeline.federation.memory import memory_report
-
-        memory_report(cfg, args.ranks, console)  # per-tier GPU memory; UserError (exit 2) if one cannot fit
-        console.print("launch: mpiexec -n %d python -m mpi4py -m pipeline.cli run --config ..." % args.ranks)
-        if args.sbatch:
-            from pipeline.federation.slurm import sbatch_text
-
-            print(sbatch_text(cfg, plan_layout(cfg, args.ranks), args.config or "configs/default.yaml",
-                              f"runs/{cfg.algorithm.name}-seed{cfg.seed}", args.overrides, args.gpus_per_node))
+        show_plan(load_config(args.config, args.overrides), args.ranks, args.rounds, args.sbatch,
+                  args.config, args.overrides, args.gpus_per_node)
         return 0
     if args.command == "report":
         from pipeline.eval.report import write_report

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from pipeline.config import Tier
+from pipeline.engine.parallel_dims import GroupSums
 from pipeline.errors import ConfigError
 from pipeline.algorithms.options import Option, check_options
 from pipeline.model.adapters import is_expert_adapter
@@ -67,6 +68,9 @@ class Strategy(ABC):
 
     name = "base"
     option_spec: dict[str, Option] = {}  # algorithm.options: types, ranges, defaults (options.py)
+    # Sums over the ranks that train a client together, for gradient hooks that need the whole
+    # batch; the run hands over its engine's (ClientEngine.group_sums). Default: one rank.
+    group_sums = GroupSums()
     # True when contribution and finalize treat every expert's rows of the expert-LoRA tensors
     # on their own: under expert parallelism a rank then holds, aggregates and checkpoints only
     # its experts' rows (`shard_experts`). False: whole tensors are gathered for the method.

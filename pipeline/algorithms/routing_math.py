@@ -11,21 +11,6 @@ import torch
 from torch import Tensor
 
 
-def utilisation(counts: Tensor, tokens: Tensor, weights: Tensor) -> Tensor:
-    """u_i = sum_c w_c a_{c,i} / n_c per layer: counts [C, L, M], tokens [C] (or [C, L]), weights [C]."""
-    tokens = tokens.double()
-    if tokens.dim() == 1:
-        tokens = tokens[:, None]
-    per_client = counts.double() / tokens.clamp_min(1)[..., None]
-    return (weights.double()[:, None, None] * per_client).sum(0) / weights.double().sum()
-
-
-def target_utilisation(top_ks: Tensor, weights: Tensor, num_experts: int) -> float:
-    """u* = K_bar / M with K_bar = sum_c w_c K_c (weights normalised)."""
-    w = weights.double() / weights.double().sum()
-    return float((w * top_ks.double()).sum() / num_experts)
-
-
 def phi_raw(u: Tensor, u_star: float, eps: float = 1e-6) -> Tensor:
     """tanh(u*/u - 1): overused experts get a negative shift, underused ones a positive shift."""
     return torch.tanh(u_star / (u + eps) - 1.0)
@@ -75,29 +60,23 @@ def routing_statistics(indices: Tensor, probs: Tensor) -> RoutingStats:
                         torch.tensor([probs.shape[0]], dtype=torch.float64, device=probs.device))
 
 
-def pseudo_gradients(grads: Tensor, indices: Tensor, probs: Tensor, rho_c: float,
-                     scope: str = "all") -> Tensor:
-    """Pseudo-gradients for one layer's expert LoRA tensor, in factor space (`pg_space: factors`).
+def pseudo_gradients_from(grads: Tensor, stats: RoutingStats, rho_c: float, scope: str = "all",
+                          first_expert: int = 0,
+                          sum_experts: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Pseudo-gradients for one layer's expert LoRA tensor in factor space (`pg_space: factors`),
+    for experts `first_expert + [0, len(grads))`.
 
-    grads [M, ...] true gradients of the M experts' copies of one LoRA tensor; indices [N, k]
-    the experts each token used; probs [N, M] the (modulated) routing softmax. Returns the
-    tensor to add to `grads`:
+    grads [M, ...] true gradients of the experts' copies of one LoRA tensor; `stats` the
+    layer's routing statistics (`routing_statistics` of the tokens' experts and the
+    (modulated) routing softmax). Returns the tensor to add to `grads`:
         w_j   = sum over tokens routed to j of p_j(x)
         G_bar = sum_j w_j grad_j / sum_j w_j
         pi_i  = mean over tokens of p_i(x) * 1[i not in A(x)]
         add_i = rho_c * pi_i * G_bar
     Every expert receives it (scope "all", the specification's reading); with scope
     "inactive" only experts that no token used.
-    """
-    return pseudo_gradients_from(grads, routing_statistics(indices, probs), rho_c, scope)
 
-
-def pseudo_gradients_from(grads: Tensor, stats: RoutingStats, rho_c: float, scope: str = "all",
-                          first_expert: int = 0,
-                          sum_experts: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """`pseudo_gradients` from given statistics, for experts `first_expert + [0, len(grads))`.
-
-    Split so that a group of ranks computes the whole batch's step: with `stats` summed over
+    Split from the statistics so that a group of ranks computes the whole batch's step: with `stats` summed over
     the ranks' token shards and `sum_experts` summing sum_j w_j grad_j over the ranks that hold
     the layer's other experts (None: `grads` holds them all), each rank's add is the
     single-process add of its gradient; it is linear in the gradient, so the ranks' usual

@@ -105,7 +105,7 @@ class UBSMoE(Strategy):
         weight_space = self.options["pg_space"] == "weight"
         observer = self._projection_observer() if weight_space else None
         # Marked per tensor, not per model: tensors swapped in after the first call (the
-        # all-gathered copies of gathered_experts) get their own hook, and the tensors that
+        # all-gathered copies of ExpertParallel.gathered) get their own hook, and the tensors that
         # train keep exactly one, on every rank alike (the hook's sums are collectives).
         for block in moe_blocks(model):
             if weight_space:
@@ -127,7 +127,7 @@ class UBSMoE(Strategy):
             return None
         cached = getattr(block, "pg_statistics", None)
         if cached is None or cached[0] is not routing:
-            stats = rm.routing_statistics(routing.indices, routing.probs).summed(block.sum_over_group)
+            stats = rm.routing_statistics(routing.indices, routing.probs).summed(self.group_sums.over_group)
             block.pg_statistics = cached = (routing, stats)
         return cached[1]
 
@@ -135,16 +135,16 @@ class UBSMoE(Strategy):
         """Factor space. Inside a client group of several ranks the block's routing is this
         rank's tokens and, under expert parallelism, `grad` holds only its experts: the
         statistics are summed over the group and the weighted gradient over the expert-parallel
-        group, by the sums the engine set on the block (`sum_over_group`, `sum_over_experts`;
-        None in one process), so the step is the single-process step on the whole batch."""
+        group, by the sums the run handed this strategy (`group_sums`, from the engine; None in
+        one process), so the step is the single-process step on the whole batch."""
         def hook(grad: Tensor) -> Tensor:
             if self._rho == 0.0 or block.last_routing is None:
                 return grad
             sliced = grad.shape[0] < block.num_experts  # expert parallel: this rank's experts only
             add = rm.pseudo_gradients_from(
                 grad, self._statistics(block), self._rho, self.options["pg_scope"],
-                first_expert=block.expert_start if sliced else 0,
-                sum_experts=block.sum_over_experts if sliced else None)
+                first_expert=block.expert_range[0] if sliced else 0,
+                sum_experts=self.group_sums.over_experts if sliced else None)
             return grad + add
         return hook
 
@@ -164,11 +164,11 @@ class UBSMoE(Strategy):
         the rank's gradient, so the group's usual gradient reduction gives the whole batch's."""
         stats = self._statistics(block)
         sliced = offsets.numel() < block.num_experts
-        first = block.expert_start if sliced else 0
+        first = block.expert_range[0] if sliced else 0
         mass = stats.mass[first:first + offsets.numel()]
         weighted = rm.mass_weighted_weight_gradient(grad_out, xs, offsets, mass)
-        if sliced and block.sum_over_experts is not None:
-            weighted = block.sum_over_experts(weighted)
+        if sliced and self.group_sums.over_experts is not None:
+            weighted = self.group_sums.over_experts(weighted)
         a, b = block._lora_factors(proj)
         add_a, add_b = rm.weight_space_pseudo_gradients(
             weighted, stats, a.detach(), b.detach(), block.scale, self._rho,

@@ -3,13 +3,14 @@
 Per client only the adapters, the optimizer state and the model setting (`use`) change; the
 model and the engine are built once. Under ZeRO 1/2 (and bf16) DeepSpeed keeps fp32 master
 copies of the trainable tensors, so adapters are written with `safe_set_full_fp32_param` as
-well as into `p.data`, and read back with `safe_get_full_fp32_param` (NOTES-stack.md).
+well as into `p.data`, and read back with `safe_get_full_fp32_param`.
 Under ZeRO-3 `p.data` is only a partition (zero3.py): `p.data` is written through
 `GatheredParameters`, and each MoE block is a ZeRO-3 leaf module, so its fused experts are
 gathered once per block, not inside its expert loop.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ from pipeline.config import DeepSpeedConfig, TrainConfig
 from pipeline.engine import data_parallel as dp
 from pipeline.engine import expert_parallel as ep
 from pipeline.engine import zero3
+from pipeline.engine.parallel_dims import ParallelDims
 from pipeline.model import (ModelSetting, adapter_parameters, apply_setting, expert_token_counts,
                             is_expert_adapter, reset_expert_token_counts)
 
@@ -116,31 +118,30 @@ class LocalResult:
 class ClientEngine:
     """Trains the adapters of one model through a DeepSpeed engine, one client at a time.
 
-    The engine spans this process's torch.distributed world (one client group): with more than
-    one rank it is data-parallel, every rank taking its shard of each batch (data_parallel.py).
-    With `ep_size` > 1 each rank also holds only its share of the experts (expert_parallel.py):
-    `load_adapters` takes whole expert tensors (it keeps this rank's rows) or this rank's rows;
-    `read_adapters` returns this rank's rows when `sharded_io` is set (the method aggregates
-    by expert shard), else all-gathers whole tensors over the expert-parallel group.
+    The engine spans this process's torch.distributed world (one client group, `dims`): with
+    more than one rank it is data-parallel, every rank taking its shard of each batch
+    (data_parallel.py). With `dims.ep` > 1 each rank also holds only its share of the experts
+    (expert_parallel.py): `load_adapters` takes whole expert tensors (it keeps this rank's rows)
+    or this rank's rows; `read_adapters` returns this rank's rows when `sharded_io` is set (the
+    method aggregates by expert shard), else all-gathers whole tensors over the expert-parallel
+    group.
     """
 
     def __init__(self, model: torch.nn.Module, train: TrainConfig, ds: DeepSpeedConfig,
-                 world_size: int | None = None, ep_size: int = 1):
+                 dims: ParallelDims | None = None):
         import deepspeed
         import torch.distributed as dist
 
-        if world_size is None:
-            world_size = dist.get_world_size() if dist.is_initialized() else 1
-        self.dp_size = world_size
-        self.dp_rank = dist.get_rank() if world_size > 1 else 0
+        if dims is None:  # data-parallel over the whole torch world
+            dims = ParallelDims(dist.get_world_size() if dist.is_initialized() else 1)
+        self.dims = dims
+        self.dp_rank = dist.get_rank() if dims.ranks > 1 else 0
         self.train_cfg = train
-        self.ep_size = ep_size
         self.sharded_io = False
-        config = deepspeed_config(train, ds, world_size)
-        if ep_size > 1:
-            if world_size % ep_size:
-                raise ValueError(f"ep_size {ep_size} does not divide the group's {world_size} ranks")
-            self.ep_blocks = ep.setup_expert_parallel(model, ep_size)
+        self.expert_parallel: ep.ExpertParallel | None = None
+        config = deepspeed_config(train, ds, dims.ranks)
+        if dims.ep_enabled:
+            self.expert_parallel = ep.setup(model, dims)
             self.grad_clip = config["gradient_clipping"]
             # ZeRO 1/2 sum the squared gradient norms over the whole group, which counts every
             # expert once: exact. Without ZeRO, DeepSpeed averages the ranks' norms, so the fp32
@@ -148,11 +149,10 @@ class ClientEngine:
             self.own_clip = ds.zero_stage == 0 and train.precision == "fp32"
             if self.own_clip:
                 config["gradient_clipping"] = 0.0
-        if world_size > 1:
-            dp.set_group_sums(model)  # after the expert-parallel groups exist
+        self.group_sums = dp.group_sums(dims, self.expert_parallel)
         self.params = adapter_parameters(model)
         groups = list(self.params.values())
-        if ep_size > 1:  # expert LoRA in its own groups, reduced over the expert-data-parallel group
+        if dims.ep_enabled:  # expert LoRA in its own groups, reduced over the expert-data-parallel group
             from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
             groups = split_params_into_different_moe_groups_for_optimizer(
                 [{"params": groups, "name": "adapters"}])
@@ -163,6 +163,10 @@ class ClientEngine:
             model=model, optimizer=optimizer, config=config, dist_init_required=False)
         self.zero_stage = ds.zero_stage
         self.keeps_master_copy = ds.zero_stage > 0 or train.precision == "bf16"
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.ranks
 
     @property
     def model(self) -> torch.nn.Module:
@@ -191,8 +195,8 @@ class ClientEngine:
         with torch.no_grad():
             for name, p in self.params.items():
                 value = adapters[name]
-                if name in self.expert_names and value.shape[0] != p.shape[0]:  # whole -> this rank's rows
-                    value = ep.local_expert_slice(value, self.expert_names[name])
+                if self.is_local_experts(name) and value.shape[0] != p.shape[0]:  # whole -> this rank's rows
+                    value = self.expert_parallel.local_rows(value)
                 p.data.copy_(value.to(p.dtype))
                 if id(p) in self.unmapped_masters:
                     self.unmapped_masters[id(p)].copy_(value)
@@ -208,22 +212,21 @@ class ClientEngine:
             if full is None and self.keeps_master_copy:
                 full = safe_get_full_fp32_param(p)
             value = full if full is not None else p.data
-            if name in self.expert_names and not self.sharded_io:
-                value = ep.gather_expert_tensor(value, self.expert_names[name])
+            if self.is_local_experts(name) and not self.sharded_io:
+                value = self.expert_parallel.gather(value)
             out[name] = value.detach().float().cpu().clone()
         return out
 
-    @property
-    def expert_names(self) -> dict:
-        """Expert-LoRA adapter name -> its block, under expert parallelism (else empty): these
-        parameters hold only this rank's experts."""
-        if self.ep_size == 1:
-            return {}
-        if not hasattr(self, "_expert_names"):
-            blocks = dict(self.model.named_modules())
-            self._expert_names = {n: blocks[n.rsplit(".", 1)[0]] for n in self.params
-                                  if is_expert_adapter(n)}
-        return self._expert_names
+    def is_local_experts(self, name: str) -> bool:
+        """The adapter holds only this rank's experts (expert LoRA under expert parallelism)."""
+        return self.expert_parallel is not None and is_expert_adapter(name)
+
+    def whole_experts(self):
+        """A context in which every block holds all experts (ExpertParallel.gathered), for
+        evaluating or exporting on one rank; a no-op without expert parallelism."""
+        if self.expert_parallel is None:
+            return contextlib.nullcontext()
+        return self.expert_parallel.gathered(self.model)
 
     def reset_optimizer(self) -> None:
         # torch AdamW creates its moments lazily on the first step after the state is cleared.
@@ -270,8 +273,8 @@ class ClientEngine:
                 self.engine.backward(scaled + extra if extra is not None else scaled)
             if after_backward:
                 after_backward(self.model)
-            if self.ep_size > 1 and self.own_clip and self.grad_clip > 0:
-                ep.clip_grad_norm(self.params.values(), self.grad_clip, self.ep_blocks[0].ep_group)
+            if self.expert_parallel is not None and self.own_clip and self.grad_clip > 0:
+                ep.clip_grad_norm(self.params.values(), self.grad_clip, self.expert_parallel.group)
             self.engine.step()
             losses.append(loss.item())
             if on_step:

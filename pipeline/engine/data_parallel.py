@@ -6,7 +6,7 @@ DeepSpeed averages gradients over the group's ranks, so rank r's loss is
 average of these gradients is the gradient of the whole batch's mean token loss. Routed-token
 counts are summed over the group after every forward, so strategy hooks (`after_backward`) and
 the returned counts see the whole batch, as in one process; gradient hooks that need the
-whole batch's routing (UB-SMoE's pseudo-gradients) get sums over the group (set_group_sums).
+whole batch's routing (UB-SMoE's pseudo-gradients) get sums over the group (group_sums).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from pipeline.model.moe_block import HeteroMoEBlock
+from pipeline.engine.parallel_dims import GroupSums, ParallelDims
 
 IGNORE_INDEX = -100
 
@@ -55,15 +55,12 @@ def sum_new_counts(buffers: list[Tensor], before: list[Tensor]) -> None:
         b.copy_(s + d)
 
 
-def set_group_sums(model: torch.nn.Module) -> None:
-    """Give every MoE block the sums its gradient hooks need to see the whole batch: over this
-    client group's ranks and, under expert parallelism, over the block's expert-parallel group
-    (HeteroMoEBlock.sum_over_group / sum_over_experts). Plain closures: a deep copy of the model
-    (merge_adapters) shares them instead of copying a process group."""
-    for m in model.modules():
-        if isinstance(m, HeteroMoEBlock):
-            m.sum_over_group = _all_reduced(None)
-            m.sum_over_experts = _all_reduced(m.ep_group) if m.ep_size > 1 else None
+def group_sums(dims: ParallelDims, expert_parallel=None) -> GroupSums:
+    """The sums gradient hooks need to see the whole batch: over this client group's ranks and,
+    under expert parallelism, over the expert-parallel group (`expert_parallel.group`)."""
+    if dims.ranks == 1:
+        return GroupSums()
+    return GroupSums(_all_reduced(None), _all_reduced(expert_parallel.group) if expert_parallel else None)
 
 
 def _all_reduced(group):

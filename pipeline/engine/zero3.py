@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.model.zero3 import gathered
+from pipeline.model.partitioned import gathered
 
 
 def mark_leaf_modules(model: nn.Module) -> None:

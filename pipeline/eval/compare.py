@@ -23,7 +23,7 @@ from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.eval.compare_runs import launch, plan_jobs
 from pipeline.eval.metrics import read_metrics
-from pipeline.eval.report import load_summary, relative_load
+from pipeline.eval.summary import load_summary, relative_load
 from pipeline.eval.stats import mean_interval, paired_interval
 
 console = Console()

@@ -126,8 +126,8 @@ def round_table(evals: list[dict], previous: dict[str, float] | None,
         tier = str(row.get("tier", "?"))
         accuracy = row.get("accuracy")
         before = (previous or {}).get(tier)
-        last = _fmt_percent(row.get("format_failures")) if generate else _fmt(row.get("loss"), "{:.4f}")
-        table.add_row(tier, _fmt(row.get("top_k"), "{}"), _fmt_percent(accuracy), _change(accuracy, before), last)
+        last = percent(row.get("format_failures")) if generate else _fmt(row.get("loss"), "{:.4f}")
+        table.add_row(tier, _fmt(row.get("top_k"), "{}"), percent(accuracy), _change(accuracy, before), last)
     if chance is not None:
         table.caption = f"chance accuracy {chance * 100:.1f}%"
     return table
@@ -141,7 +141,7 @@ def eval_tables(rows: list[dict], title: str, chance: float | None) -> list[Tabl
         summary.add_column(name, justify="left" if name == "tier" else "right")
     for row in rows:
         summary.add_row(str(row.get("tier")), _fmt(row.get("top_k"), "{}"), _fmt(row.get("lora_rank"), "{}"),
-                        _fmt_percent(row.get("accuracy")), _fmt_percent(row.get("format_failures")))
+                        percent(row.get("accuracy")), percent(row.get("format_failures")))
     if chance is not None:
         summary.caption = f"chance accuracy {chance * 100:.1f}%; a format failure is scored wrong"
     families = sorted({f for row in rows for f in row.get("per_family", {})})
@@ -186,8 +186,13 @@ def _summary_writer(log_dir: Path):
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(float(value))
+def is_number(value: Any) -> bool:
+    """A number read from a record (bool is not one)."""
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return is_number(value) and math.isfinite(float(value))
 
 
 def _scalars(record: dict):
@@ -195,11 +200,11 @@ def _scalars(record: dict):
     for name, value in record.items():
         if name in _NOT_SCALARS:
             continue
-        if _is_number(value):
+        if _is_finite(value):
             yield name, float(value)
         elif isinstance(value, dict):
             for key, inner in value.items():
-                if _is_number(inner):
+                if _is_finite(inner):
                     yield f"{name}/{key}", float(inner)
 
 
@@ -218,7 +223,7 @@ def _fmt(value: Any, spec: str) -> str:
     return "—" if value is None else spec.format(value)
 
 
-def _fmt_percent(value: float | None) -> str:
+def percent(value: float | None) -> str:
     return "—" if value is None else f"{value * 100:.2f}%"
 
 

@@ -74,8 +74,9 @@ def build(cfg: Config, run_dir: Path, resume_offset: int | None, parts=None) -> 
     model, tokenizer, tiers, strategy, data = parts or setup(cfg)
     topology = current_topology(cfg)
     topology.init_torch(cfg.federation.master_port)  # this group's own torch.distributed world
-    engine = ClientEngine(model, cfg.train, cfg.deepspeed, ep_size=tier_ep_size(cfg, topology.group.tier))
-    shards = expert_shards(cfg, topology, strategy, model.config.num_experts)
+    engine = ClientEngine(model, cfg.train, cfg.deepspeed, topology.group.dims)
+    strategy.group_sums = engine.group_sums  # its gradient hooks sum over the group with these
+    shards = sharded_aggregation(topology, strategy, model.config.num_experts)
     if shards is not None:  # from here on this rank holds only its experts' adapters
         strategy.shard_experts(*shards.range)
         engine.sharded_io = True
@@ -87,17 +88,12 @@ def build(cfg: Config, run_dir: Path, resume_offset: int | None, parts=None) -> 
                       data, tokenizer, engine, strategy, metrics, topology=topology, shards=shards)
 
 
-def tier_ep_size(cfg: Config, tier: str | None) -> int:
-    """A tier's expert-parallel size (1 for the single-process group, whose tier is None)."""
-    return next((t.ep_size for t in cfg.tiers if t.name == tier), 1)
-
-
-def expert_shards(cfg: Config, topology: Topology, strategy: Strategy, num_experts: int) -> ExpertShards | None:
+def sharded_aggregation(topology: Topology, strategy: Strategy, num_experts: int) -> ExpertShards | None:
     """Expert-sharded aggregation when some group is expert-parallel and the method allows it."""
     if not topology.distributed or not strategy.expert_sharded:
         return None
-    groups = [(g.size, tier_ep_size(cfg, g.tier)) for g in topology.layout.groups]
-    if max(p for _, p in groups) == 1:
+    groups = [g.dims for g in topology.layout.groups]
+    if not any(d.ep_enabled for d in groups):
         return None
     return ExpertShards(topology.world, topology.rank, groups, num_experts)
 
@@ -111,4 +107,4 @@ def evaluates(fed: Federation) -> bool:
         return fed.writes
     if fed.engine.zero_stage == 3:
         return True
-    return topology.group_rank < fed.engine.ep_size
+    return topology.group_rank < fed.engine.dims.ep

@@ -78,13 +78,9 @@ class Teardown(Callback):
     resources otherwise)."""
 
     def on_end(self, fed, status: str, round_: int) -> None:
-        close_run(fed)
-
-
-def close_run(fed) -> None:
-    fed.metrics.close()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        fed.metrics.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 class Report(Callback):

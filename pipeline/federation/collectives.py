@@ -204,7 +204,7 @@ def allreduce_sums(sums, spec: Sequence[Entry], group_comm, leaders) -> dict[str
     return unpack(buffers, spec)
 
 
-def agree(local: Any, group_comm, leaders) -> list[Any]:
+def gather_from_leaders(local: Any, group_comm, leaders) -> list[Any]:
     """Every group leader's `local` object (small metadata only), on every rank, in group order."""
     gathered = leaders.allgather(local) if leaders is not None else None
     if group_comm is not None and group_comm.Get_size() > 1:

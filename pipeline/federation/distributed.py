@@ -7,18 +7,15 @@ round's collective and rank 0 logs them in client order, as the single-process r
 """
 from __future__ import annotations
 
-import dataclasses
 import sys
 import threading
 import time
 from contextlib import contextmanager
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from pipeline.algorithms import ClientUpdate
-from pipeline.federation.collectives import PackedSums, agree, allreduce_sums, local_spec, union_spec
+from pipeline.federation.collectives import PackedSums, gather_from_leaders, allreduce_sums, local_spec, union_spec
 from pipeline.federation.expert_shards import ExpertShards, whole_spec
 
 _LOAD = "\x00load/"  # expert loads per tier ride in the same buffer as the contributions
@@ -71,9 +68,8 @@ class Watchdog:
         """Wait until every rank reached this point, sleeping between polls.
 
         MPI implementations spin in blocking collectives; ranks that finished their clients
-        early would then take the CPU from the ones still training or evaluating (the tiny 4-rank
-        run on 2 shared cores: 59 s with blocking waits, 39 s with this; one measurement each).
-        The collectives that follow find everyone present.
+        early would then take the CPU from the ones still training or evaluating when ranks share
+        cores. The collectives that follow find everyone present.
         """
         request = self.comm.Ibarrier()
         deadline = time.monotonic() + self.limit if self.limit else None
@@ -108,32 +104,27 @@ class Watchdog:
         self.comm.Abort(3)
 
 
-def _summary(update: ClientUpdate) -> ClientUpdate:
-    """An update without its tensors, for the metadata gather (counts as a numpy array)."""
-    return dataclasses.replace(update, adapters={}, extras={},
-                               expert_token_counts=update.expert_token_counts.numpy())
-
-
 def reduce_round(topology, timeout: float, metrics, sums: PackedSums,
-                 load: dict[str, Tensor], accepted: list[int], updates: list[ClientUpdate],
+                 load: dict[str, Tensor], accepted: list[int], records: list,
                  shards: ExpertShards | None = None):
-    """This group's round results -> the world's: (sums, load, accepted, updates), identical on
+    """This group's round results -> the world's: (sums, load, accepted, records), identical on
     every rank except, with `shards`, the expert tensors (kept out of the packed sums): this
-    rank's rows of the world's sums. Events of every group are logged by world rank 0, in
+    rank's rows of the world's sums. `records` are small picklable objects (the clients'
+    metadata, no tensors): every group's, in group order. Events of every group are logged by world rank 0, in
     client order. A collective that waits longer than `timeout` seconds (0: no limit) aborts
     the job. Afterwards `sums.spec` is the agreed layout, for the next round's PackedSums."""
     if topology is None or not topology.distributed:
-        return sums.tensors(), load, accepted, updates
+        return sums.tensors(), load, accepted, records
     watchdog = Watchdog(timeout, topology.world, topology.rank)
     sums.add({_LOAD + tier: counts for tier, counts in load.items()})
     experts = sums.plain
     events = metrics.take() if isinstance(metrics, GroupMetrics) else []
     mine = {"spec": local_spec(sums.packed_tensors()), "accepted": accepted, "events": events,
-            "updates": [_summary(u) for u in updates],
+            "records": records,
             "experts": whole_spec(local_spec(experts), shards.num_experts) if shards else []}
     watchdog.arrive("the end of the round (waiting for every client group)")
     with watchdog.guard("the end-of-round metadata allgather"):
-        groups = agree(mine, topology.group_comm, topology.leaders)
+        groups = gather_from_leaders(mine, topology.group_comm, topology.leaders)
     spec = union_spec([g["spec"] for g in groups])
     with watchdog.guard("the cross-group Allreduce of client contributions"):
         total = allreduce_sums(sums, spec, topology.group_comm, topology.leaders)
@@ -143,10 +134,9 @@ def reduce_round(topology, timeout: float, metrics, sums: PackedSums,
     load = {k[len(_LOAD):]: v for k, v in total.items() if k.startswith(_LOAD)}
     sums = {k: v for k, v in total.items() if not k.startswith(_LOAD)}
     accepted = sorted(c for g in groups for c in g["accepted"])
-    updates = sorted((dataclasses.replace(u, expert_token_counts=torch.from_numpy(u.expert_token_counts))
-                      for g in groups for u in g["updates"]), key=lambda u: u.client_id)
+    records = [r for g in groups for r in g["records"]]
     if isinstance(metrics, GroupMetrics) and metrics.logger is not None:
         every = [(e, f) for g in groups for e, f in g["events"]]
         for event, fields in sorted(every, key=lambda ef: ef[1].get("client", -1)):
             metrics.logger.log(event, **fields)
-    return sums, load, accepted, updates
+    return sums, load, accepted, records

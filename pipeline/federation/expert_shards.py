@@ -1,8 +1,8 @@
 """Expert-sharded aggregation: under expert parallelism expert e's adapters live only on the
 ranks that own e, and are summed only among them.
 
-A group of `ep_size` P gives group rank g the experts `[(g % P) E/P, (g % P + 1) E/P)`
-(DeepSpeed's expert-parallel groups are consecutive ranks). Groups differ in P, so the world
+A group of expert-parallel degree P gives group rank g the experts `[(g % P) E/P, (g % P + 1) E/P)`
+(ParallelDims.expert_range; DeepSpeed's expert-parallel groups are consecutive ranks). Groups differ in P, so the world
 is cut into the finest common partition: L = lcm of the groups' P (it divides E, as every P
 does) "fine shards" of E/L experts. Fine shard s has one communicator: every rank owning it.
 Within a group only the first expert-parallel group (g < P) puts its sums in; the other ranks
@@ -23,6 +23,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from pipeline.engine.parallel_dims import ParallelDims
 from pipeline.federation.collectives import Entry, pack, unpack
 from pipeline.model.adapters import is_expert_adapter
 
@@ -43,25 +44,25 @@ class RankShard:
     writes: bool  # writes its range of checkpoint and final expert tensors
 
 
-def plan_shards(groups: Sequence[tuple[int, int]], num_experts: int) -> tuple[int, list[RankShard]]:
-    """(L, per world rank its RankShard) for groups given in rank order as (size, ep_size)."""
-    fine = lcm(*(p for _, p in groups))
+def plan_shards(groups: Sequence[ParallelDims], num_experts: int) -> tuple[int, list[RankShard]]:
+    """(L, per world rank its RankShard) for the groups' degrees, in rank order."""
+    fine = lcm(*(d.ep for d in groups))
     if num_experts % fine:
-        raise ValueError(f"the groups' ep_size values (lcm {fine}) do not divide the {num_experts} experts")
-    writer = max(range(len(groups)), key=lambda i: (groups[i][1], -i))  # finest, lowest index
+        raise ValueError(f"the groups' expert-parallel degrees (lcm {fine}) do not divide the {num_experts} experts")
+    writer = max(range(len(groups)), key=lambda i: (groups[i].ep, -i))  # finest, lowest index
     out = []
-    for index, (size, ep) in enumerate(groups):
-        local = num_experts // ep
-        for g in range(size):
-            start = (g % ep) * local
-            out.append(RankShard(start, start + local, contributes=g < ep, writes=index == writer and g < ep))
+    for index, dims in enumerate(groups):
+        for g in range(dims.ranks):
+            start, stop = dims.expert_range(num_experts, g)
+            first = g < dims.ep  # in the group's first expert-parallel group
+            out.append(RankShard(start, stop, contributes=first, writes=index == writer and first))
     return fine, out
 
 
 class ExpertShards:
     """This rank's expert range and its communicators (one per fine shard it owns)."""
 
-    def __init__(self, world, rank: int, groups: Sequence[tuple[int, int]], num_experts: int):
+    def __init__(self, world, rank: int, groups: Sequence[ParallelDims], num_experts: int):
         from pipeline.federation.torchcomm import api
 
         self.num_experts = num_experts

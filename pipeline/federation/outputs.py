@@ -13,7 +13,6 @@ from pipeline import checkpoint
 from pipeline.federation.assembly import Federation, evaluates
 from pipeline.federation.expert_shards import is_expert_key
 from pipeline.model import save_merged, set_base_delta
-from pipeline.model.expert_parallel import gathered_experts
 
 
 def save_round(fed: Federation, round_: int, offset: int | None = None) -> None:
@@ -56,9 +55,9 @@ def write_final(fed: Federation) -> Path:
     elif fed.writes:
         checkpoint.clear_dir(tmp)
     if fed.writes:
-        shards = checkpoint.expert_shards(tmp)
+        shards = checkpoint.expert_shard_files(tmp)
         if shards:
-            checkpoint.join_expert_shards(tmp / "adapter.safetensors", adapters, shards)
+            checkpoint.join_expert_shard_files(tmp / "adapter.safetensors", adapters, shards)
             for _, _, path in shards:
                 path.unlink()
         else:
@@ -76,12 +75,12 @@ def write_final(fed: Federation) -> Path:
 
 def export_merged(fed: Federation, adapters: dict[str, Tensor], out: Path) -> None:
     """The merged model at full top-k and rank, written by world rank 0. Under expert
-    parallelism its expert-parallel group all-gathers the experts first (gathered_experts):
+    parallelism its expert-parallel group all-gathers the experts first (engine.whole_experts):
     the one place where a rank holds every expert, because the export is the whole model."""
     model = fed.engine.model
     fed.engine.load_adapters(adapters)
     set_base_delta(model, fed.strategy.base_delta())
     fed.strategy.configure_model(model, None)  # its hooks, as at evaluation
     fed.engine.use(fed.strategy.setting(model.config.num_experts_per_tok, fed.cfg.model.lora.rank))
-    with gathered_experts(model):  # ZeRO-3: the other ranks take part in save_merged's gathers
+    with fed.engine.whole_experts():  # ZeRO-3: the other ranks take part in save_merged's gathers
         save_merged(model, out if fed.writes else None, tokenizer=fed.tokenizer)

@@ -82,7 +82,7 @@ def _mismatch(key: str, have: tuple, want: tuple, rank: int, config_file: Path) 
 def tensor_specs(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """Every tensor's (safetensors dtype, shape) from the file headers, expert shards joined
     along experts; no tensor data is read."""
-    files = [Path(path) / checkpoint.TENSORS] + [p for _, _, p in checkpoint.expert_shards(path)]
+    files = [Path(path) / checkpoint.TENSORS] + [p for _, _, p in checkpoint.expert_shard_files(path)]
     specs: dict[str, tuple[str, tuple[int, ...]]] = {}
     for i, file in enumerate(files):
         with safe_open(str(file), framework="pt") as fh:
@@ -97,7 +97,7 @@ def tensor_specs(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 def first_non_finite(path: Path) -> str | None:
     """The name of the first tensor holding NaN or Inf, read one tensor at a time."""
-    files = [Path(path) / checkpoint.TENSORS] + [p for _, _, p in checkpoint.expert_shards(path)]
+    files = [Path(path) / checkpoint.TENSORS] + [p for _, _, p in checkpoint.expert_shard_files(path)]
     for file in files:
         with safe_open(str(file), framework="pt") as fh:
             for key in fh.keys():

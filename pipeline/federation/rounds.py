@@ -6,6 +6,7 @@ What the run shows and closes (progress, report, teardown) are callbacks (callba
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -105,11 +106,14 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
         load[tier] = load.get(tier, 0) + update.expert_token_counts
         fed.metrics.log("client", round=round_, client=client, tier=tier, top_k=update.top_k,
                         lora_rank=update.lora_rank, n_samples=update.n_samples, **update.metrics)
-    if signals.agree(fed.topology, cfg.federation.collective_timeout):  # any rank stopped: drop the round
+    if signals.any_stopped(fed.topology, cfg.federation.collective_timeout):  # any rank stopped: drop the round
         raise signals.Preempted(round_ - 1, offset)
     packed = sums  # every group's sums, loads and updates, identical on all ranks
-    sums, load, accepted, updates = reduce_round(fed.topology, cfg.federation.collective_timeout,
-                                                 fed.metrics, packed, load, accepted, updates, fed.shards)
+    distributed = fed.topology is not None and fed.topology.distributed
+    sums, load, accepted, records = reduce_round(
+        fed.topology, cfg.federation.collective_timeout, fed.metrics, packed, load, accepted,
+        [_metadata(u) for u in updates] if distributed else updates, fed.shards)
+    updates = sorted(map(_from_metadata, records), key=lambda u: u.client_id) if distributed else records
     fed.sums_layout = packed.spec
     if len(accepted) < cfg.federation.min_clients:
         raise RoundFailed(f"round {round_}: {len(accepted)} of {len(clients)} clients reported, "
@@ -120,6 +124,16 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
                     expert_load={t: v.tolist() for t, v in load.items()}, tiers=fed.tier_stats,
                     **({"strategy": own} if own else {}))
     return load
+
+
+def _metadata(update: ClientUpdate) -> ClientUpdate:
+    """An update without its tensors, for the round's metadata gather (counts as a numpy array)."""
+    return dataclasses.replace(update, adapters={}, extras={},
+                               expert_token_counts=update.expert_token_counts.numpy())
+
+
+def _from_metadata(update: ClientUpdate) -> ClientUpdate:
+    return dataclasses.replace(update, expert_token_counts=torch.from_numpy(update.expert_token_counts))
 
 
 def tier_training_stats(fed: Federation, updates: list[ClientUpdate], load: dict) -> dict:

@@ -49,7 +49,7 @@ def clear() -> None:
     _stop.clear()
 
 
-def agree(topology, timeout: float) -> bool:
+def any_stopped(topology, timeout: float) -> bool:
     """True on every rank if any rank received a stop signal. Collective under MPI: every rank calls
     it once per round at the same point; the wait sleeps (no spinning) and aborts the job after
     `timeout` seconds like the round's own collective."""

@@ -1,4 +1,4 @@
-"""MPI world -> client groups (DESIGN.md, Topology): the layout, and each rank's handles.
+"""MPI world -> client groups: the layout, and each rank's handles.
 
 The layout is pure: from the tiers (`tiers[].ranks`, default 1) and the number of ranks it makes
 client groups of contiguous world ranks, tiers taken in config order round-robin while ranks
@@ -19,7 +19,7 @@ single-process path is the embedded default.
 Expert parallelism inside a group: a tier's `ep_size` (a divisor of its `ranks` and of the
 expert count) splits the group's torch world into DeepSpeed's expert-parallel groups of
 `ep_size` consecutive ranks, each rank holding its share of every layer's experts and their
-LoRA (pipeline/engine/expert_parallel.py, pipeline/model/expert_parallel.py).
+LoRA (pipeline/engine/expert_parallel.py). A group's degrees are its `GroupSpec.dims`.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from pipeline.config import Config
+from pipeline.engine.parallel_dims import ParallelDims
 from pipeline.errors import UserError
 
 # Set by MPI launchers (MPICH/Hydra, Open MPI, PMIx, srun --mpi=pmi2): without one of them we
@@ -40,10 +41,15 @@ class GroupSpec:
     index: int
     tier: str | None  # the tier whose clients it serves; None: the single-process group (all)
     ranks: tuple[int, ...]  # world ranks, contiguous; ranks[0] is the group leader
+    ep: int = 1  # the tier's expert-parallel degree (tiers[].ep_size)
 
     @property
     def size(self) -> int:
         return len(self.ranks)
+
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(self.size, self.ep)
 
 
 @dataclass(frozen=True)
@@ -87,15 +93,15 @@ class Layout:
         return [sorted(c) for c in out]
 
 
-def _fill(ranks_per_tier: Sequence[tuple[str, int]], world_size: int) -> tuple[list[GroupSpec], int]:
+def _fill(tiers: Sequence[tuple[str, int, int]], world_size: int) -> tuple[list[GroupSpec], int]:
     groups: list[GroupSpec] = []
     next_rank = 0
     added = True
     while added:
         added = False
-        for name, size in ranks_per_tier:
+        for name, size, ep in tiers:
             if world_size - next_rank >= size:
-                groups.append(GroupSpec(len(groups), name, tuple(range(next_rank, next_rank + size))))
+                groups.append(GroupSpec(len(groups), name, tuple(range(next_rank, next_rank + size)), ep))
                 next_rank += size
                 added = True
     return groups, world_size - next_rank
@@ -107,9 +113,9 @@ def plan_layout(cfg: Config, world_size: int) -> Layout:
         raise UserError(f"ranks: must be >= 1, got {world_size}")
     if world_size == 1:  # the embedded default: one process trains every tier's clients
         return Layout(1, (GroupSpec(0, None, (0,)),))
-    wanted = [(t.name, t.ranks) for t in cfg.tiers]
+    wanted = [(t.name, t.ranks, t.ep_size) for t in cfg.tiers]
     groups, left = _fill(wanted, world_size)
-    sizes = ", ".join(f"{n}: {r}" for n, r in wanted)
+    sizes = ", ".join(f"{n}: {r}" for n, r, _ in wanted)
     if left:
         fits = [n for n in range(max(2, world_size - 16), world_size + 17) if _fill(wanted, n)[1] == 0]
         below = [n for n in fits if n < world_size]
@@ -123,17 +129,6 @@ def plan_layout(cfg: Config, world_size: int) -> Layout:
         raise UserError(f"train.batch_size={cfg.train.batch_size} is smaller than a client group of "
                         f"{biggest} ranks: every rank needs at least one example per step")
     return Layout(world_size, tuple(groups))
-
-
-def layout_rows(layout: Layout, cfg: Config) -> list[dict]:
-    """One row per group, for `fedmoe plan` and the run log."""
-    rows = []
-    for g in layout.groups:
-        port = "auto" if cfg.federation.master_port is None else str(cfg.federation.master_port + g.index)
-        ranks = f"{g.ranks[0]}" if g.size == 1 else f"{g.ranks[0]}-{g.ranks[-1]}"
-        rows.append({"group": g.index, "tier": g.tier or "all", "ranks": ranks, "size": g.size,
-                     "port": port})
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,29 +256,3 @@ def current_topology(cfg: Config) -> Topology:
     elif _CURRENT.layout != layout:  # the torch worlds of the first layout are already up
         raise RuntimeError("a second config with a different MPI layout in one process")
     return _CURRENT
-
-
-def plan_tables(cfg: Config, layout: Layout, rounds: int = 3) -> list:
-    """Rich tables for `fedmoe plan`: the groups, and which clients each serves in the first
-    rounds (the same draw the run makes)."""
-    from rich.table import Table
-
-    from pipeline.federation.sampling import assign_tiers, sample_clients
-
-    groups = Table(title=f"{layout.world_size} rank(s) -> {len(layout.groups)} client group(s)")
-    for column in ("group", "tier", "world ranks", "ranks", "torch port"):
-        groups.add_column(column)
-    for row in layout_rows(layout, cfg):
-        groups.add_row(str(row["group"]), row["tier"], row["ranks"], str(row["size"]), row["port"])
-    fed = cfg.federation
-    client_tiers = [t.name for t in assign_tiers(fed.clients, cfg.tiers, cfg.seed)]
-    served = Table(title="clients per group (client:tier)")
-    served.add_column("round")
-    for g in layout.groups:
-        served.add_column(f"group {g.index}")
-    for round_ in range(1, min(rounds, fed.rounds) + 1):
-        clients = sample_clients(fed.clients, fed.clients_per_round, cfg.seed, round_)
-        per_group = layout.assign(clients, client_tiers)
-        served.add_row(str(round_), *(" ".join(f"{c}:{client_tiers[c]}" for c in cs) or "-"
-                                      for cs in per_group))
-    return [groups, served]

@@ -6,12 +6,12 @@ setting a delta is `W = W0 + delta` every time: no drift from repeated in-place 
 resumed run rebuilds bitwise the same weights.
 
 Under expert parallelism a block holds only its experts' base weights: the pristine copy is that
-slice too and each delta's rows for those experts are added. `gathered_experts` swaps in the
+slice too and each delta's rows for those experts are added. `ExpertParallel.gathered` swaps in the
 all-gathered pristine base while it holds all experts (`gathered_pristine`), so a delta set there
 (evaluation, export) applies to the full weights.
 
 Under ZeRO-3 the base weights are partitioned: each is gathered whole, written and partitioned
-again (pipeline.model.zero3; every rank of the group calls this with the same deltas), and the
+again (pipeline.model.partitioned; every rank of the group calls this with the same deltas), and the
 pristine copy stays on the CPU so that it does not undo ZeRO-3's saving on the device.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pipeline.model.lora import LoRALinear
 from pipeline.model.moe_block import HeteroMoEBlock
-from pipeline.model.zero3 import gathered, is_partitioned
+from pipeline.model.partitioned import gathered, is_partitioned
 
 PRISTINE = "_fedmoe_pristine_base"
 EXPERT_PAIRS = {"gate_up_proj": "lora_gate_up", "down_proj": "lora_down"}  # base weight -> pair
@@ -49,7 +49,8 @@ def _local_rows(delta: Tensor, weight: Tensor, block: HeteroMoEBlock | None) -> 
     """The rows of a full `[E, ...]` expert delta for the experts this rank's `weight` holds."""
     if block is None or delta.shape[0] == weight.shape[0]:
         return delta
-    return delta[block.expert_start:block.expert_start + weight.shape[0]]
+    start = block.expert_range[0]
+    return delta[start:start + weight.shape[0]]
 
 
 @torch.no_grad()
@@ -88,17 +89,17 @@ def set_base_delta(model: nn.Module, deltas: dict[str, Tensor]) -> None:
 @contextmanager
 def gathered_pristine(model: nn.Module, gather):
     """While the expert-parallel blocks hold all experts: the pristine copies of their base
-    weights all-gathered by `gather(local, block)` (a collective; every rank holds the same keys,
+    weights all-gathered by `gather(local)` (a collective; every rank holds the same keys,
     since outside this context deltas are set on every rank alike). On exit the local slices
     come back, and a copy first taken inside (by one rank, of the full weights) is dropped: the
     local weights it stands for were not changed."""
     pristine = getattr(model, PRISTINE, None)
-    keys = {k: blk for k, (blk, _) in expert_base_keys(model).items() if blk.ep_size > 1}
+    keys = [k for k, (blk, _) in expert_base_keys(model).items() if blk.token_exchange is not None]
     saved = {}
-    for key, block in keys.items():
+    for key in keys:
         if pristine is not None and key in pristine:
             saved[key] = pristine[key]
-            pristine[key] = gather(saved[key], block)
+            pristine[key] = gather(saved[key])
     try:
         yield
     finally:

@@ -13,7 +13,7 @@ from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 
 from pipeline.model.lora import LoRALinear
 from pipeline.model.moe_block import HeteroMoEBlock
-from pipeline.model.zero3 import gathered
+from pipeline.model.partitioned import gathered
 
 
 def _plain_moe_block(block: HeteroMoEBlock) -> OlmoeSparseMoeBlock:

@@ -21,10 +21,6 @@ from __future__ import annotations
 from transformers import OlmoeConfig
 
 
-def _get(config, key):
-    return config[key] if isinstance(config, dict) else getattr(config, key)
-
-
 def flops_per_token(config: dict | OlmoeConfig, top_k: float, lora_rank: int, seq_len: int,
                     expert_lora: bool = True, attention_lora: bool = True,
                     trainable: str = "adapters") -> dict[str, float]:

@@ -14,7 +14,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class LoRALinear(nn.Module):
+class ScaledLoRA:
+    """The LoRA scale of LoRALinear and HeteroMoEBlock: `lora_alpha / active_rank`, or
+    `scale_override` when set (a rank-independent scale, set_lora_scale)."""
+
+    lora_alpha: float
+    active_rank: int
+    scale_override: float | None
+
+    @property
+    def scale(self) -> float:
+        if self.scale_override is not None:
+            return self.scale_override
+        return self.lora_alpha / self.active_rank
+
+
+class LoRALinear(ScaledLoRA, nn.Module):
     """`lora_A [r, in]`, `lora_B [out, r]`; the first `active_rank` ranks are used, scale
     alpha/active_rank (or `scale_override` when set)."""
 
@@ -39,12 +54,6 @@ class LoRALinear(nn.Module):
     @property
     def out_features(self) -> int:
         return self.base.out_features
-
-    @property
-    def scale(self) -> float:
-        if self.scale_override is not None:
-            return self.scale_override
-        return self.lora_alpha / self.active_rank
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pipeline.model.lora import ScaledLoRA
+
 # Expert-LoRA parameter names on the block: (name, factor, projection).
 EXPERT_LORA_NAMES = ("lora_gate_up_A", "lora_gate_up_B", "lora_down_A", "lora_down_B")
 
@@ -63,8 +65,8 @@ class _ExpertLoRALinear(torch.autograd.Function):
 
     Autograd through grouped_mm calls gives the same numbers, but the rank-r products are bound
     by memory, not FLOPs, and their layout decides their speed: on CPU, keeping the rank-r
-    intermediates as [r, S] (`A_e @ x^T` rather than `x @ A_e^T`) and B as [E, r, out] made the
-    LoRA part of a step about 40% faster than autograd's choice, and writing in place saves the
+    intermediates as [r, S] (`A_e @ x^T` rather than `x @ A_e^T`) and B as [E, r, out] is
+    faster than autograd's choice, and writing in place saves the
     [S, out] LoRA output and the second input gradient that autograd allocates only to add.
     CPU grouped_mm is itself a loop of per-group GEMMs, so the explicit loop over experts
     loses nothing; other devices run the same products as grouped_mm calls.
@@ -155,7 +157,7 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class HeteroMoEBlock(nn.Module):
+class HeteroMoEBlock(ScaledLoRA, nn.Module):
     """Drop-in replacement for `OlmoeSparseMoeBlock`: `forward(hidden [B, S, H]) -> [B, S, H]`.
 
     Attributes read on every call: `top_k` (experts per token), `active_rank` (LoRA rank in use,
@@ -208,26 +210,18 @@ class HeteroMoEBlock(nn.Module):
         # a gradient (UB-SMoE's weight-space pseudo-gradient hooks its backward there); None: off.
         # A plain function, so that a deep copy of the model shares it.
         self.projection_observer = None
-        # Expert parallelism (pipeline.model.expert_parallel): this rank holds experts
-        # [expert_start, expert_start + num_experts / ep_size) of every fused tensor.
-        self.ep_group = None
-        self.ep_rank, self.ep_size, self.expert_start = 0, 1, 0
-        # Sums of a tensor over the client group's ranks and over the expert-parallel group, for
-        # gradient hooks that need the whole batch (UB-SMoE's pseudo-gradients); set by the
-        # engine when the group has several ranks (pipeline/engine/data_parallel.py), None alone.
-        self.sum_over_group = None
-        self.sum_over_experts = None
+        # The experts [start, stop) this block holds in its fused expert tensors: all of them,
+        # unless expert parallelism (pipeline/engine/expert_parallel.py) gave this rank a share.
+        self.expert_range = (0, self.num_experts)
+        # Set by expert parallelism, None otherwise: an object whose `dispatch(xs, w, counts)`
+        # takes the routed rows (sorted by expert) to the ranks holding their experts and whose
+        # `combine(y, sent)` brings the results back. The block itself holds no process group.
+        self.token_exchange = None
 
     # ------------------------------------------------------------------ LoRA
     @property
     def has_lora(self) -> bool:
         return self.rank > 0
-
-    @property
-    def scale(self) -> float:
-        if self.scale_override is not None:
-            return self.scale_override
-        return self.lora_alpha / self.active_rank
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -350,46 +344,22 @@ class HeteroMoEBlock(nn.Module):
         token = order // k
         xs = gather_rows(x, token)
         w = gather_rows(weights.reshape(-1), order)
-        if self.ep_size > 1:
-            y = self._dispatch_ep(xs, w, counts)
-            return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
-        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        if self.token_exchange is not None:
+            rows, rows_w, offsets, sent = self.token_exchange.dispatch(xs, w, counts)
+            y = self.token_exchange.combine(self.compute_experts(rows, rows_w, offsets), sent)
+        else:
+            offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+            y = self.compute_experts(xs, w[:, None], offsets)
+        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
 
+    def compute_experts(self, xs: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+        """The held experts on rows `xs` grouped by expert (`offsets`: cumulative rows per
+        expert), each row weighted by its routing weight `w` [S, 1]."""
         gate, up = self._project(xs, "gate_up", offsets).chunk(2, dim=-1)
         # The routing weight goes on the I-wide activation rather than the H-wide output:
         # linear, so the same result, and I <= H in OLMoE.
-        h = self.experts.act_fn(gate) * up * w[:, None].to(up.dtype)
-        y = self._project(h, "down", offsets)
-        return torch.zeros_like(x).index_add_(0, token, y.to(x.dtype))
-
-    def _dispatch_ep(self, xs: Tensor, w: Tensor, counts: Tensor) -> Tensor:
-        """Expert parallelism: `xs` [S, H] are the routed rows sorted by expert, `w` their
-        routing weights, `counts` [E] rows per expert. Rows (with their weight as one more
-        column, so the router's gradient travels back too) go to the rank owning their expert,
-        the local experts compute them, and the results come back in `xs`'s order."""
-        from pipeline.model.expert_parallel import all_to_all
-
-        group, P = self.ep_group, self.ep_size
-        L = self.num_experts // P
-        # recv[s, j]: rows rank s sends to my local expert j (experts are contiguous per rank).
-        recv = torch.empty_like(counts)
-        torch.distributed.all_to_all_single(recv, counts.contiguous(), group=group)
-        recv = recv.view(P, L)
-        send_sizes = counts.view(P, L).sum(1).tolist()
-        recv_sizes = recv.sum(1).tolist()
-        rows = all_to_all(torch.cat([xs, w[:, None].to(xs.dtype)], 1), send_sizes, recv_sizes, group)
-        # Received rows are ordered by source rank, then local expert: regroup by local expert.
-        local_expert = torch.repeat_interleave(torch.arange(L, device=rows.device).repeat(P),
-                                               recv.reshape(-1))
-        perm = torch.argsort(local_expert, stable=True)
-        rows = gather_rows(rows, perm)
-        offsets = torch.cumsum(recv.sum(0), 0, dtype=torch.int32)
-        xr, wr = rows[:, :-1], rows[:, -1:]
-        gate, up = self._project(xr, "gate_up", offsets).chunk(2, dim=-1)
-        h = self.experts.act_fn(gate) * up * wr.to(up.dtype)
-        y = self._project(h, "down", offsets)
-        y = gather_rows(y, torch.argsort(perm))  # back to source order
-        return all_to_all(y, recv_sizes, send_sizes, group)
+        h = self.experts.act_fn(gate) * up * w.to(up.dtype)
+        return self._project(h, "down", offsets)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, top_k={self.top_k}, rank={self.rank}, "

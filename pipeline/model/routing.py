@@ -10,11 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.model.moe_block import HeteroMoEBlock
-
-
-def moe_blocks(model: nn.Module) -> list[HeteroMoEBlock]:
-    return [m for m in model.modules() if isinstance(m, HeteroMoEBlock)]
+from pipeline.model.adapters import moe_blocks
 
 
 def enable_routing_modulation(model: nn.Module, n_candidates: int) -> None:

@@ -3,7 +3,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.federation.slurm import pack_groups, sbatch_plan, sbatch_text, submit_command
+from pipeline.plan.slurm import pack_groups, sbatch_plan, sbatch_text, submit_command
 from pipeline.federation.topology import plan_layout
 from tests.cluster.conftest import REPO, TINY
 

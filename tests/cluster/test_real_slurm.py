@@ -159,7 +159,7 @@ def _plan(ranks: int, overrides: list[str]) -> str:
     """What `fedmoe plan --config CONFIG --ranks R --sbatch --gpus-per-node 2 --set ...` prints
     after its tables (the same function, in this process: the CLI starts in tens of seconds here)."""
     from pipeline.config import load_config
-    from pipeline.federation.slurm import sbatch_text
+    from pipeline.plan.slurm import sbatch_text
     from pipeline.federation.topology import plan_layout
 
     cfg = load_config(TINY, overrides)

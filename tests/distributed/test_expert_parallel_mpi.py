@@ -50,7 +50,7 @@ def test_one_group_of_two_expert_parallel_ranks_matches_the_single_process_run(
     # evaluations (expert-parallel on group 0) and files (merged model included).
     _same_record(out, tiny_reference, loss_rtol=1e-4)
     latest = out / "checkpoints" / "round-000003"
-    assert [(a, b) for a, b, _ in checkpoint.expert_shards(latest)] == [(0, 16), (16, 32)]
+    assert [(a, b) for a, b, _ in checkpoint.expert_shard_files(latest)] == [(0, 16), (16, 32)]
     got, _ = checkpoint.load_checkpoint(latest)
     want, _ = checkpoint.load_checkpoint(tiny_reference / "checkpoints" / "round-000003")
     assert got.keys() == want.keys() and relative_difference(got, want) <= 1e-5

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from pipeline.eval.balance import LOW_LOAD, balance_stats
-from pipeline.eval.report import load_summary, write_report
+from pipeline.eval.report import write_report
+from pipeline.eval.summary import load_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -8,8 +8,7 @@ import torch.multiprocessing as mp
 from pipeline.model import build_model, lora_base_weights, patch_olmoe, set_base_delta
 from pipeline.model.adapters import is_expert_adapter
 from pipeline.model.base_delta import expert_base_keys
-from pipeline.model.expert_parallel import (enable_expert_parallel, gather_expert_tensor,
-                                            gathered_experts, local_expert_slice)
+from pipeline.engine.expert_parallel import ExpertParallel
 from pipeline.model.routing import moe_blocks
 
 from .conftest import SMALL_OLMOE
@@ -42,7 +41,8 @@ def _worker(rank, port, x, want, queue):
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         model = _model()
-        enable_expert_parallel(model, dist.group.WORLD)
+        ep = ExpertParallel(dist.group.WORLD)
+        ep.apply(model)
         block = moe_blocks(model)[0]
         assert block.lora_gate_up_A.shape[0] == 4 and block.experts.down_proj.shape[0] == 4
         rows = x.shape[0] // 2
@@ -56,7 +56,7 @@ def _worker(rank, port, x, want, queue):
             if p.grad is None:
                 continue
             if name.startswith("lora_") or name.startswith("experts."):  # local experts' share
-                torch.testing.assert_close(p.grad, local_expert_slice(want[2][name], block), msg=name)
+                torch.testing.assert_close(p.grad, ep.local_rows(want[2][name]), msg=name)
             else:  # router: each rank has its tokens' share of the gradient
                 total = p.grad.clone()
                 dist.all_reduce(total)
@@ -64,13 +64,15 @@ def _worker(rank, port, x, want, queue):
         counts = block.token_counts.clone()
         dist.all_reduce(counts)
         assert torch.equal(counts, want[3])
-        full = gather_expert_tensor(block.lora_down_B, block)
-        with gathered_experts(model):
-            assert torch.equal(block.lora_down_B, full) and block.ep_size == 1
+        full = ep.gather(block.lora_down_B)
+        with ep.gathered(model):
+            assert torch.equal(block.lora_down_B, full) and block.token_exchange is None
+            assert block.expert_range == (0, 8)
             if rank == 0:  # one rank alone computes with all experts
                 torch.testing.assert_close(block(x).detach(), want[0])
-        assert block.ep_size == 2 and block.lora_down_B.shape[0] == 4
-        _check_base_deltas(model, rank)
+        assert block.token_exchange is ep and block.lora_down_B.shape[0] == 4
+        assert block.expert_range == (4 * rank, 4 * rank + 4)
+        _check_base_deltas(model, ep, rank)
         queue.put((rank, None))
     except BaseException as exc:  # noqa: BLE001
         queue.put((rank, repr(exc)))
@@ -78,9 +80,9 @@ def _worker(rank, port, x, want, queue):
         dist.destroy_process_group()
 
 
-def _check_base_deltas(model, rank):
+def _check_base_deltas(model, ep, rank):
     """FLoRA/FedEx-LoRA deltas (full `[E, ...]`) on expert-parallel blocks: each rank adds its
-    experts' rows; inside gathered_experts a delta applies to the full weights, outside it the
+    experts' rows; inside ExpertParallel.gathered a delta applies to the full weights, outside it the
     pristine local slices come back."""
     whole = lora_base_weights(_model())  # one process's pristine weights, every expert
     experts = expert_base_keys(model)
@@ -93,17 +95,17 @@ def _check_base_deltas(model, rank):
                 continue
             want = whole[key] + scale * delta[key] if scale else whole[key]
             if key in experts and not gathered:
-                want = local_expert_slice(want, experts[key][0])
+                want = ep.local_rows(want)
             assert torch.equal(w, want), (key, scale, gathered)
     twice = {k: 2 * v for k, v in deltas.items()}
-    with gathered_experts(model):  # a first delta set inside, by rank 0 alone (evaluation)
+    with ep.gathered(model):  # a first delta set inside, by rank 0 alone (evaluation)
         if rank == 0:
             set_base_delta(model, deltas)
             expect(deltas, 1, gathered=True)
     expect(deltas, 0, only=experts)  # the local experts were not touched inside
     set_base_delta(model, deltas)  # every rank, as each round does
     expect(deltas, 1)
-    with gathered_experts(model):
+    with ep.gathered(model):
         expect(deltas, 1, gathered=True)  # the merged weights, gathered
         if rank == 0:
             set_base_delta(model, twice)

@@ -62,9 +62,9 @@ def test_expert_shards_join_into_the_whole_file_and_read_back_by_rows(tmp_path):
     rest = {"adapters/layers.0.self_attn.q_proj.lora_A": torch.randn(2, 4), "weight": torch.tensor([3.0])}
     for start, stop in ((0, 2), (2, 6), (6, 8)):  # uneven shards, written out of order
         checkpoint.save_expert_shard(tmp_path, {k: v[start:stop] for k, v in whole.items()}, start, stop)
-    shards = checkpoint.expert_shards(tmp_path)
+    shards = checkpoint.expert_shard_files(tmp_path)
     assert [(a, b) for a, b, _ in shards] == [(0, 2), (2, 6), (6, 8)]
-    checkpoint.join_expert_shards(tmp_path / "joined.safetensors", rest, shards)
+    checkpoint.join_expert_shard_files(tmp_path / "joined.safetensors", rest, shards)
     save_file({**whole, **rest}, str(tmp_path / "reference.safetensors"))
     joined, reference = (load_file(tmp_path / f"{n}.safetensors") for n in ("joined", "reference"))
     assert joined.keys() == reference.keys()

@@ -92,7 +92,7 @@ def test_ep_size_must_divide_the_expert_count():
 
 
 def test_memory_plan_counts_each_ranks_share_of_the_experts():
-    from pipeline.federation.memory import model_shape, tier_memory
+    from pipeline.plan.memory import model_shape, tier_memory
 
     shape = model_shape("assets/tiny-olmoe")
     experts = shape.layers * shape.experts * 3 * shape.hidden * shape.intermediate

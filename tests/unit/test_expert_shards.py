@@ -1,13 +1,14 @@
 """Who owns which experts, who sums them and who writes them (federation/expert_shards.plan_shards)."""
 import pytest
 
+from pipeline.engine.parallel_dims import ParallelDims as D
 from pipeline.federation.expert_shards import RankShard, is_expert_key, plan_shards
 
 
 def test_groups_of_different_ep_sizes_share_the_finest_partition():
     # group 0: 4 ranks at ep 2 (ranks 2-3 replicate ranks 0-1's experts); group 1: 1 rank with
     # every expert; group 2: 4 ranks at ep 4, the finest: its ranks write checkpoints.
-    fine, shards = plan_shards([(4, 2), (1, 1), (4, 4)], 16)
+    fine, shards = plan_shards([D(4, 2), D(1, 1), D(4, 4)], 16)
     assert fine == 4
     assert shards[:5] == [RankShard(0, 8, True, False), RankShard(8, 16, True, False),
                           RankShard(0, 8, False, False), RankShard(8, 16, False, False),
@@ -22,7 +23,7 @@ def test_groups_of_different_ep_sizes_share_the_finest_partition():
 
 def test_ep_sizes_whose_lcm_does_not_divide_the_experts_are_refused():
     with pytest.raises(ValueError, match="lcm 6"):
-        plan_shards([(2, 2), (3, 3)], 8)
+        plan_shards([D(2, 2), D(3, 3)], 8)
 
 
 def test_expert_keys_are_recognised_by_their_last_part():

@@ -8,6 +8,11 @@ import torch
 from pipeline.algorithms import routing_math as rm
 
 
+def _pseudo_gradients(grads, indices, probs, rho_c, scope="all"):
+    """The factor-space pseudo-gradient of one process's batch."""
+    return rm.pseudo_gradients_from(grads, rm.routing_statistics(indices, probs), rho_c, scope)
+
+
 def test_phi_raw_signs_and_magnitudes_on_known_utilisation():
     # 4 experts, top-1: uniform target 0.25. Expert 0 overused, 3 unused.
     u = torch.tensor([0.55, 0.25, 0.2, 0.0])
@@ -16,16 +21,6 @@ def test_phi_raw_signs_and_magnitudes_on_known_utilisation():
     assert raw[0].item() == pytest.approx(math.tanh(0.25 / (0.55 + 1e-6) - 1), rel=1e-5)
     assert raw[2].item() == pytest.approx(math.tanh(0.25 / (0.2 + 1e-6) - 1), rel=1e-5)
     assert raw.abs().max() <= 1
-
-
-def test_utilisation_and_target_weighted_by_samples():
-    counts = torch.tensor([[[6.0, 2.0, 0.0, 0.0]], [[1.0, 1.0, 1.0, 1.0]]])  # [C=2, L=1, M=4]
-    tokens = torch.tensor([4.0, 2.0])
-    weights = torch.tensor([3.0, 1.0])
-    u = rm.utilisation(counts, tokens, weights)
-    direct = (0.75 * counts[0] / 4 + 0.25 * counts[1] / 2)
-    torch.testing.assert_close(u, direct.double())
-    assert rm.target_utilisation(torch.tensor([2, 4]), weights, 4) == pytest.approx((0.75 * 2 + 0.25 * 4) / 4)
 
 
 def test_momentum_and_range_penalty():
@@ -55,15 +50,15 @@ def _routing():
 
 def test_pseudo_gradients_reach_inactive_experts_only_and_scale_with_rho():
     grads, indices, probs = _routing()
-    add = rm.pseudo_gradients(grads, indices, probs, rho_c=0.5, scope="inactive")
+    add = _pseudo_gradients(grads, indices, probs, rho_c=0.5, scope="inactive")
     w0, w1 = 0.6 + 0.7, 0.5
     g_bar = (w0 * grads[0] + w1 * grads[1]) / (w0 + w1)
     pi = (probs * torch.tensor([[0, 1, 1, 1], [1, 0, 1, 1], [0, 1, 1, 1]])).sum(0) / 3
     assert torch.equal(add[0], torch.zeros(2)) and torch.equal(add[1], torch.zeros(2))
     torch.testing.assert_close(add[2], 0.5 * pi[2] * g_bar)
     torch.testing.assert_close(add[3], 0.5 * pi[3] * g_bar)
-    torch.testing.assert_close(rm.pseudo_gradients(grads, indices, probs, rho_c=1.0, scope="inactive"), 2 * add)
-    everyone = rm.pseudo_gradients(grads, indices, probs, 0.5, scope="all")
+    torch.testing.assert_close(_pseudo_gradients(grads, indices, probs, rho_c=1.0, scope="inactive"), 2 * add)
+    everyone = _pseudo_gradients(grads, indices, probs, 0.5, scope="all")
     torch.testing.assert_close(everyone[0], 0.5 * pi[0] * g_bar)
 
 
@@ -121,7 +116,7 @@ def test_group_summed_pseudo_gradients_over_two_shards_equal_the_whole_batch(sco
     experts. Each rank's gradient carries the factor 2 of its loss (data_parallel.py) and the
     group averages them (DeepSpeed): the result is the whole batch's gradient plus its PG."""
     probs, indices, grad = _whole_batch()
-    want = grad + rm.pseudo_gradients(grad, indices, probs, 0.75, scope)
+    want = grad + _pseudo_gradients(grad, indices, probs, 0.75, scope)
     assert (want != grad).any()
     share = torch.randn(grad.shape, generator=torch.Generator().manual_seed(1), dtype=grad.dtype)
     group, experts = _ThreadGroup(2), _ThreadGroup(2)
@@ -145,8 +140,8 @@ def test_group_summed_pseudo_gradients_over_two_shards_equal_the_whole_batch(sco
 def test_pseudo_gradients_from_shard_statistics_alone_would_differ():
     """The test above is not vacuous: one shard's own statistics give another add."""
     probs, indices, grad = _whole_batch()
-    whole = rm.pseudo_gradients(grad, indices, probs, 0.75, "inactive")
-    alone = rm.pseudo_gradients(grad, indices[:6], probs[:6], 0.75, "inactive")
+    whole = _pseudo_gradients(grad, indices, probs, 0.75, "inactive")
+    alone = _pseudo_gradients(grad, indices[:6], probs[:6], 0.75, "inactive")
     assert not torch.allclose(alone, whole)
 
 

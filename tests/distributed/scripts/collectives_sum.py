@@ -2,7 +2,7 @@
 key only in group 1, one group's dtype mix differs); every rank must end with the direct sum."""
 from mpi4py import MPI
 
-from pipeline.federation.collectives import agree, allreduce_sums, local_spec, union_spec
+from pipeline.federation.collectives import gather_from_leaders, allreduce_sums, local_spec, union_spec
 from uneven_sums import check_total, group_sums
 
 comm = MPI.COMM_WORLD
@@ -14,7 +14,7 @@ leaders = comm.Split(color=0 if group_comm.Get_rank() == 0 else MPI.UNDEFINED, k
 leaders = None if leaders == MPI.COMM_NULL else leaders
 
 mine = group_sums(group)
-specs = agree(local_spec(mine), group_comm, leaders)
+specs = gather_from_leaders(local_spec(mine), group_comm, leaders)
 assert len(specs) == 2
 spec = union_spec(specs)
 total = allreduce_sums(mine, spec, group_comm, leaders)

@@ -5,7 +5,7 @@ import numpy as np
 import torch.distributed as dist
 
 from pipeline.federation import torchcomm
-from pipeline.federation.collectives import agree, allreduce_sums, local_spec, union_spec
+from pipeline.federation.collectives import gather_from_leaders, allreduce_sums, local_spec, union_spec
 from pipeline.federation.torchcomm import COMM_NULL, IN_PLACE, MAX, SUM, UNDEFINED, TorchComm
 from uneven_sums import check_total, group_sums
 
@@ -56,7 +56,7 @@ comm.Barrier()
 leaders = comm.Split(color=0 if sub.Get_rank() == 0 else UNDEFINED, key=rank)
 
 mine = group_sums(group)
-spec = union_spec(agree(local_spec(mine), sub, leaders))
+spec = union_spec(gather_from_leaders(local_spec(mine), sub, leaders))
 total = allreduce_sums(mine, spec, sub, leaders)
 check_total(total)
 

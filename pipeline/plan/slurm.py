@@ -1,4 +1,4 @@
-"""`fedmoe plan --sbatch`: SLURM resources for an MPI layout (README.md, "Cluster (SLURM)").
+"""`fedmoe plan --sbatch`: SLURM resources for an MPI layout (docs/slurm.md).
 
 Each rank drives one GPU. `srun`'s default block distribution gives a node contiguous ranks,
 and a layout's client groups are contiguous ranks, so packing groups onto nodes is packing

@@ -1,74 +1,12 @@
 """Per-GPU memory of each tier's client group: a planning estimate for `fedmoe plan`.
 
-For a tier whose client group spans `n` ranks (`tiers[].ranks`, one GPU each) under ZeRO stage
-`z`, the bytes one GPU holds at the peak of a local step are the sum of
-
-- frozen: every non-adapter parameter at the training dtype (bf16 when `train.precision` is
-  bf16, since DeepSpeed casts the module; else `model.dtype`); divided by `n` at ZeRO 3.
-- adapters: the trainable copy at the training dtype (divided by `n` at ZeRO 3) plus DeepSpeed's
-  fp32 master copy, which exists under bf16 or ZeRO >= 1 (divided by `n` at ZeRO >= 1).
-  Every client allocates adapters at `model.lora.rank` (r_max): low-rank tiers use a slice.
-- optimizer: AdamW's two fp32 moments per adapter parameter (divided by `n` at ZeRO >= 1).
-- gradients: the fp32 gradient the optimizer steps on (divided by `n` at ZeRO >= 2), plus the
-  training-dtype `.grad` backward writes under bf16 at ZeRO 0/1 (ZeRO 2 reduces it bucket by
-  bucket into the partition).
-- expert parallelism (`tiers[].ep_size` = P): a rank holds 1/P of the experts' frozen weights
-  and of the expert LoRA with its states; the ZeRO-partitioned terms stay p / n (the expert
-  LoRA is partitioned over the n / P ranks holding the same experts). Activations are counted
-  as without it (the routed pairs a rank computes average its own tokens' pairs).
-- activations: tokens per GPU (`ceil(train.batch_size / n) * train.max_length`, the padded
-  upper bound) times the bytes per token below, counted from the tensors autograd saves
-  (element size `s`: 2 under bf16, else 4), with T = training dtype:
-    per layer    s * (2H + 3 q_out + 2 kv_out)  normed inputs of q/k/v and of the router, rotated
-                                                 q and k, v, the attention output and o_proj's input
-                 + 4 * (2H + q_out + kv_out)     fp32 copies kept by the four RMSNorms (input,
-                                                 post-attention, q_norm, k_norm)
-                 + 4 * E + 12 * top_k            fp32 router probabilities, top-k indices/weights
-                 + s * 4r                        attention-LoRA intermediates (when on)
-    per routed (token, expert) pair, top_k of them per token and layer:
-                 s * (2H + 5I) + s * 2r + 24     gathered input, down output (kept by
-                                                 index_add), gate_up output, SiLU output, its
-                                                 product with up and the routing-weighted input
-                                                 of down; expert-LoRA intermediates; int64 indices
-    once         4H + s * H + (10 + s) * V       final norm, lm_head input; the loss: logits in T
-                                                 and fp32 log-softmax, its gradient and the input
-                                                 gradient at the loss backward (12.1 V bytes
-                                                 measured at bf16, below)
-  The expert term is why activations scale with top_k. With activation checkpointing (one
-  checkpoint per decoder layer, as `gradient_checkpointing_enable` makes it) only each layer's
-  input stays, `s * H` per layer, and the peak is the larger of the loss (`once`) and one layer
-  recomputed during its backward, counted twice (its saved tensors and the gradients of the
-  same size that coexist with them). The client engine does not switch checkpointing on today;
-  the column shows what it would buy.
-
-A tier fits when the estimate without checkpointing is at most `HEADROOM` of
-`tiers[].gpu_memory_gb` (GiB): the rest is left to the CUDA context, communication buffers and
-allocator fragmentation. Parameter and saved-tensor counts assume OLMoE's architecture (q/k
-norms over the whole projection, SwiGLU experts) and a fused attention kernel (memory linear
-in the sequence length); an eager attention would add `4 * heads * S` bytes per token and layer.
-
-Calibration (H200, random OLMoE-1B-7B, bf16, our DeepSpeed client (bench/tier_step.py), LoRA r=8
-on attention and experts; peak `torch.cuda.max_memory_allocated`, reset per top-k):
-
-    batch x seq   K   ZeRO  checkpointing   measured GiB    this estimate GiB
-    4 x 512       8    0        no              21.0          21.6   (+3%)
-    4 x 512       2    0        no              17.7          18.2   (+3%)
-    16 x 1024     8    0        no              72.2          74.6   (+3%)
-    16 x 1024     2    0        no              45.1          47.5   (+5%)
-    32 x 2048     8    0        no          out of memory      257   (> 139.8: no fit either)
-    16 x 1024     8/2  0        yes             24.1          24.4   (+1%)
-    32 x 2048     8/2  0        yes             55.1          55.6   (+1%)
-    4 x 512       8    2        no              21.0          21.5   (+2%)
-    4 x 512       2    2        no              18.1          18.1   (+0%)
-
-The measured K=8 minus K=2 slope is 18.0-18.5 KB per routed pair and layer; the pair term
-gives 18.5 KB. Static state is 14.0 GiB (6.92 B frozen parameters in bf16 and 60.8 M adapter
-parameters); the non-expert activations are over-estimated by up to 10%, which keeps the
-check on the safe side. With checkpointing the loss sets the peak whatever the top-k (the
-measured peaks of K=8 and K=2 were equal), as the max above says. On CPU, the bytes autograd
-saves per layer and token at these dimensions (saved-tensor hooks, bf16) were 27 H for the
-non-expert part against 30 H counted here, and 18.5 KB per routed pair. Untested: ZeRO 1-3
-across several ranks, other GPUs' allocators, eager attention.
+The bytes one GPU holds at the peak of a local step: frozen weights, adapters (with DeepSpeed's
+fp32 master copy), AdamW's moments, gradients and saved activations, each divided by the ranks
+ZeRO partitions it over, with 1/ep of the experts per rank under expert parallelism. The
+activation term counts the tensors autograd saves per token (`activation_bytes_per_token`), so
+it scales with top-k. A tier fits when its estimate is at most `HEADROOM` of
+`tiers[].gpu_memory_gb`. The terms, their derivation and their calibration against measured
+peaks: docs/memory-model.md.
 """
 from __future__ import annotations
 
@@ -78,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import Config, Tier, resolve_tiers
+from pipeline.engine.parallel_dims import ParallelDims
 from pipeline.errors import UserError
 
 GIB = 2**30
@@ -165,7 +104,7 @@ def model_shape(source: str) -> ModelShape:
 
 @dataclass(frozen=True)
 class TierMemory:
-    """Bytes per GPU of one tier's client group (see the module docstring)."""
+    """Bytes per GPU of one tier's client group (docs/memory-model.md)."""
 
     index: int
     tier: str
@@ -205,7 +144,7 @@ class TierMemory:
 def activation_bytes_per_token(shape: ModelShape, top_k: int, lora_rank: int, elem: int,
                                expert_lora: bool = True, attention_lora: bool = True) -> dict[str, float]:
     """Saved-activation bytes per token: `layer` (non-expert, one layer), `experts` (one layer at
-    `top_k`), `once` (final norm, lm_head, loss); see the module docstring."""
+    `top_k`), `once` (final norm, lm_head, loss); the terms are derived in docs/memory-model.md."""
     H, I, E, s = shape.hidden, shape.intermediate, shape.experts, elem
     layer = (s * (2 * H + 3 * shape.q_out + 2 * shape.kv_out) + 4 * (2 * H + shape.q_out + shape.kv_out)
              + 4 * E + 12 * top_k + (s * 4 * lora_rank if attention_lora else 0))
@@ -215,17 +154,18 @@ def activation_bytes_per_token(shape: ModelShape, top_k: int, lora_rank: int, el
 
 
 def tier_memory(shape: ModelShape, cfg: Config, index: int, top_k: int, ranks: int) -> TierMemory:
+    """Tier `index` training at `top_k` in a client group of `ranks` ranks (at its `ep_size`)."""
     bf16 = cfg.train.precision == "bf16"
     elem = 2 if bf16 or cfg.model.dtype == "bfloat16" else 4
-    z, n = cfg.deepspeed.zero_stage, ranks
+    dims = ParallelDims(ranks, cfg.tiers[index].ep_size if ranks > 1 else 1)
+    z, n, ep = cfg.deepspeed.zero_stage, dims.ranks, dims.ep
     lora = cfg.model.lora
     p_frozen = shape.frozen_params()
     p_adapt = shape.adapter_params(lora.rank, lora.experts, lora.attention)
 
-    # Expert parallelism (tiers[].ep_size): a rank holds 1/ep of the experts and of their LoRA;
-    # ZeRO partitions the expert LoRA's states over the n/ep ranks holding the same experts,
-    # so what ZeRO partitions is p/n either way.
-    ep = cfg.tiers[index].ep_size if n > 1 else 1
+    # Expert parallelism: a rank holds 1/ep of the experts and of their LoRA; ZeRO partitions
+    # the expert LoRA's states over the n/ep ranks holding the same experts, so what ZeRO
+    # partitions is p/n either way.
     H, I, E = shape.hidden, shape.intermediate, shape.experts
     expert_frozen = shape.layers * E * 3 * H * I
     expert_adapt = shape.layers * E * lora.rank * (2 * H + 3 * I) if lora.experts else 0
@@ -288,37 +228,3 @@ def check_fits(rows: list[TierMemory]) -> None:
             f"{row.total / GIB:.1f} GiB per GPU (activations {row.activations / GIB:.1f} for "
             f"{row.tokens_per_gpu} tokens) but {HEADROOM:.0%} of tiers.{row.index}.gpu_memory_gb="
             f"{row.gpu_memory_gb:g} is {row.usable / GIB:.1f} GiB; {hint}")
-
-
-def memory_table(rows: list[TierMemory], cfg: Config):
-    """GiB per GPU; `adapter+opt` = adapters + fp32 master + optimizer state + gradients;
-    `w/ ckpt`: the total with activation checkpointing."""
-    from rich import box
-    from rich.table import Table
-
-    table = Table(title=f"estimated peak GiB per GPU: {cfg.model.source}, {cfg.train.precision}, ZeRO "
-                        f"{cfg.deepspeed.zero_stage}, batch {cfg.train.batch_size} x {cfg.train.max_length}",
-                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for column in ("tier", "k", "ranks", "tokens", "frozen", "adapter+opt", "activ.", "total", "w/ ckpt",
-                   "GPU", "fits"):
-        table.add_column(column, justify="left" if column == "tier" else "right")
-    for r in rows:
-        table.add_row(r.tier, str(r.top_k), str(r.ranks), str(r.tokens_per_gpu),
-                      *(f"{v / GIB:.2f}" for v in (r.frozen, r.adapters + r.optimizer + r.gradients,
-                                                   r.activations, r.total, r.total_checkpointed)),
-                      f"{r.gpu_memory_gb:g}", "yes" if r.fits else "NO")
-    return table
-
-
-def memory_report(cfg: Config, world_size: int, console) -> list[TierMemory]:
-    """`fedmoe plan`: print the table; UserError if a tier cannot fit (after the table). A model
-    whose config cannot be read offline gets a note instead: the layout is still valid."""
-    try:
-        shape = model_shape(cfg.model.source)
-    except UserError as exc:
-        console.print(f"memory: not estimated: {exc}")
-        return []
-    rows = plan_memory(cfg, world_size, shape)
-    console.print(memory_table(rows, cfg))
-    check_fits(rows)
-    return rows
