@@ -27,10 +27,14 @@ def save_round(fed: Federation, round_: int, offset: int | None = None) -> None:
     if not fed.writes:
         return
     offset = fed.metrics.offset() if offset is None else offset
+    staging = checkpoint.staging_dir(fed.run_dir, round_)
+    if fed.shards is None:
+        checkpoint.clear_dir(staging)
+    fed.strategy.stage_files(staging)  # the method's own files (per-client state)
     checkpoint.save_checkpoint(fed.run_dir, round_, tensors,
                                {"strategy": state, "metrics_offset": offset,
                                 "algorithm": fed.cfg.algorithm.name},
-                               keep=fed.cfg.checkpoint.keep, staged=fed.shards is not None)
+                               keep=fed.cfg.checkpoint.keep, staged=True)
 
 
 def stage_expert_rows(fed: Federation, directory: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
