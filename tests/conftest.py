@@ -48,6 +48,16 @@ def tiny_reference(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def fsl_reference(tmp_path_factory):
+    """One uninterrupted single-process fedsmoothlora run of the tiny config."""
+    from tests.e2e.conftest import TINY, fedmoe
+
+    out = tmp_path_factory.mktemp("fsl-reference") / "run"
+    fedmoe("run", "--config", TINY, "--out", out, "--set", "algorithm.name=fedsmoothlora")
+    return out
+
+
+@pytest.fixture(scope="session")
 def mpi_groups_of_two(tmp_path_factory):
     """`mpiexec -n 4`: 2 client groups of 2 data-parallel ranks under ZeRO 2."""
     from tests.distributed.conftest import TINY, mpiexec

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 
 import torch
 from torch import Tensor
@@ -145,9 +146,12 @@ class FedSmoothLoRA(MergeStrategy):
 
     def _ga_factors(self, grads: dict[str, Tensor], ops) -> Factors:
         out = {}
-        for i, (key, _, _) in enumerate(self.pairs):
+        for key, _, _ in self.pairs:
             g = grads[key]
-            a, b = mm.lora_ga_factors(g, self.model.lora_rank, self.options["gamma"], ops.generator(i))
+            # Seeded by the pair's name, not its position: a resumed strategy lists its pairs in
+            # the checkpoint's (sorted) order.
+            gen = ops.generator(zlib.crc32(key.encode()))
+            a, b = mm.lora_ga_factors(g, self.model.lora_rank, self.options["gamma"], gen)
             zero = mm.zero_matrices(g)[..., None, None]  # no gradient: W_ga = 0 [choice]
             out[key] = (a.masked_fill(zero, 0.0), b.masked_fill(zero, 0.0))
         return out
