@@ -18,9 +18,11 @@ Per round t and client c, for every LoRA pair (each expert's matrix on its own):
 
 Switches: `rm: off` (no round-matching matrix) and `ga: off` (W_ga = 0: the run's standard LoRA
 init, A seeded kaiming-uniform and B = 0, where the LoRA would otherwise be SVD_r(0)).
-Our choices [choice], documented in docs/fedsmoothlora.md: a matrix whose calibration gradient
-is exactly zero (an expert no calibration token was routed to) gets W_ga = 0, and any matrix whose
-init comes out zero gets the standard init, so an expert that training does reach still learns.
+Our choices [choice], documented in docs/fedsmoothlora.md: singular directions at rounding level
+are dropped from every SVD (merge_math.significant: an expert few calibration tokens reached has a
+low-rank gradient, one none reached a zero one, so W_ga = 0 there), and a LoRA component left
+with no signal gets the standard init's A row, so an expert that training does reach still
+learns; SVD signs are pinned (merge_math.canonical_signs).
 """
 from __future__ import annotations
 
@@ -151,16 +153,15 @@ class FedSmoothLoRA(MergeStrategy):
             # Seeded by the pair's name, not its position: a resumed strategy lists its pairs in
             # the checkpoint's (sorted) order.
             gen = ops.generator(zlib.crc32(key.encode()))
-            a, b = mm.lora_ga_factors(g, self.model.lora_rank, self.options["gamma"], gen)
-            zero = mm.zero_matrices(g)[..., None, None]  # no gradient: W_ga = 0 [choice]
-            out[key] = (a.masked_fill(zero, 0.0), b.masked_fill(zero, 0.0))
+            out[key] = mm.lora_ga_factors(g, self.model.lora_rank, self.options["gamma"], gen)
         return out
 
     def _standard_where_zero(self, a_name: str, b_name: str, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-        """float32 factors; a matrix whose product is zero gets the standard init [choice]."""
-        zero = (mm.zero_matrices(b) | mm.zero_matrices(a))[..., None, None]
-        a = torch.where(zero, self.global_adapters[a_name].double(), a.double())
-        b = b.double().masked_fill(zero, 0.0)
+        """float32 factors; a component whose A row and B column are both zero (no signal: an
+        expert no calibration token reached, or `ga: off` without a round to match) gets the
+        standard init's A row, so that it can still learn [choice]."""
+        dead = (a.abs().amax(-1) == 0) & (b.abs().amax(-2) == 0)  # [.., r]
+        a = torch.where(dead[..., :, None], self.global_adapters[a_name].double(), a.double())
         return a.float(), b.float()
 
     # --- aggregation ---------------------------------------------------------------------

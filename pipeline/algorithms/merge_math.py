@@ -14,7 +14,8 @@ Which SVD where (ALGORITHMS.md section 5; official code: FedSmoothLoRA `NLG_exp/
   [choice]. No random draw, so resumed and distributed runs need no RNG state for it.
 - `lora_ga_factors(G, r)`: LoRA-GA on a dense full-weight gradient: the randomised SVD
   (`randomized_svd`, torch's algorithm with a seeded generator) at q = min(4r, m, n) and
-  niter = 4, as `lora_ga_init` calls `torch.svd_lowrank`.
+  niter = 4, as `lora_ga_init` calls `torch.svd_lowrank`, with pinned signs (`canonical_signs`).
+Both zero the components of singular values at rounding level (`significant`).
 - `pissa_factors(W, r, s)`: FRLoRA's PiSSA init, a full SVD of the pretrained weight
   (FRLoRA `fed_global.py` `ours_init`).
 """
@@ -26,6 +27,20 @@ import torch
 from torch import Tensor
 
 GA_NITER = 4  # lora_ga_init: torch.svd_lowrank(grad, q=min(4 * r, min(grad.shape)), niter=4)
+# Singular values at most this fraction of the largest are rounding noise (an fp32 gradient's
+# null directions measured at ~1e-8 of it): their vectors are arbitrary, so they are zeroed.
+NULL_TOL = 1e-6
+
+
+def significant(s: Tensor) -> Tensor:
+    """Which singular values [.., k] (descending) carry signal: above NULL_TOL of the largest.
+
+    An expert that few calibration tokens reached has a gradient of low rank, and so has every
+    low-rank sum below when its rank is under r; the singular vectors beyond that rank are
+    whatever rounding made them, and a gradient summed over two ranks instead of one picks
+    others. Zeroing them keeps every factor a continuous function of its input [choice: the
+    official code, on dense models with full-rank gradients, takes them as they come]."""
+    return s > NULL_TOL * s[..., :1]
 
 
 def stack(*terms: tuple[float, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -33,6 +48,20 @@ def stack(*terms: tuple[float, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
     a = torch.cat([t[2].double() for t in terms], dim=-2)
     b = torch.cat([c * t.double() for c, t, _ in terms], dim=-1)
     return a, b
+
+
+def canonical_signs(u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Each singular pair (u_i, v_i) flipped so that v_i's largest-magnitude entry is positive.
+
+    An SVD fixes u_i and v_i only up to a common sign, which LAPACK picks from rounding-level
+    details: a gradient summed over two ranks instead of one can flip it. LoRA-GA pairs B's
+    columns with A's rows from *different* triplets (U[:, r:2r] with V[:, :r]), so a flip changes
+    W_ga and the training that follows; pinned signs make the init a continuous function of the
+    gradient [choice: the official code takes whatever signs torch returns]."""
+    index = v.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.sign(torch.gather(v, -2, index))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return u * sign, v * sign
 
 
 def truncated_svd(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -43,9 +72,9 @@ def truncated_svd(b: Tensor, a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     qa, ra = torch.linalg.qr(a.double().mT)
     u, s, vh = torch.linalg.svd(rb @ ra.mT, full_matrices=False)
     k = min(rank, s.shape[-1])
-    b_r = (qb @ u[..., :, :k]) * s[..., None, :k]
-    a_r = vh[..., :k, :] @ qa.mT
-    return _pad(a_r, b_r, rank)
+    u, v = canonical_signs(qb @ u[..., :, :k], qa @ vh[..., :k, :].mT)
+    keep = significant(s)[..., None, :k]
+    return _pad((v * keep).mT, u * s[..., None, :k] * keep, rank)
 
 
 def _pad(a: Tensor, b: Tensor, rank: int) -> tuple[Tensor, Tensor]:
@@ -79,6 +108,13 @@ def randomized_svd(m: Tensor, q: int, niter: int, generator: torch.Generator) ->
     return (v, s, u) if transposed else (u, s, v)
 
 
+def canonical_randomized_svd(m: Tensor, q: int, niter: int, generator: torch.Generator):
+    """`randomized_svd` with `canonical_signs`."""
+    u, s, v = randomized_svd(m, q, niter, generator)
+    u, v = canonical_signs(u, v)
+    return u, s, v
+
+
 def lora_ga_factors(grad: Tensor, rank: int, gamma: float, generator: torch.Generator
                     ) -> tuple[Tensor, Tensor]:
     """LoRA-GA's init from a full-weight gradient `grad` [.., m, n] (m output features), as the
@@ -88,9 +124,10 @@ def lora_ga_factors(grad: Tensor, rank: int, gamma: float, generator: torch.Gene
     q = min(4 * rank, m, n)
     if q < 2 * rank:
         raise ValueError(f"LoRA-GA needs 2 r <= min(out, in): r = {rank} for a {m} x {n} weight")
-    u, _, v = randomized_svd(grad, q, GA_NITER, generator)
+    u, s, v = canonical_randomized_svd(grad, q, GA_NITER, generator)
     c = m ** 0.25 / math.sqrt(gamma)
-    return v[..., :, :rank].mT * c, u[..., :, rank:2 * rank] * c
+    keep = significant(s)[..., None, :]  # an all-zero gradient keeps nothing
+    return (v[..., :, :rank] * keep[..., :rank]).mT * c, u[..., :, rank:2 * rank] * keep[..., rank:2 * rank] * c
 
 
 def pissa_factors(weight: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor]:
@@ -99,8 +136,3 @@ def pissa_factors(weight: Tensor, rank: int, scale: float) -> tuple[Tensor, Tens
     u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
     root = torch.sqrt(s[..., :rank] / scale)
     return root[..., :, None] * vh[..., :rank, :], u[..., :, :rank] * root[..., None, :]
-
-
-def zero_matrices(m: Tensor) -> Tensor:
-    """[..] bool: which matrices of `m` [.., rows, cols] are exactly zero."""
-    return m.flatten(-2).abs().amax(-1) == 0

@@ -10,8 +10,8 @@ at the current base weights.
 dL/dW of `y = W x` is `sum over tokens of (dL/dy)^T x`, so it is formed from the inputs a forward
 saw and the output gradients its backward hands to hooks: the frozen weights need no `.grad` of
 their own (under ZeRO DeepSpeed owns `.grad`; under ZeRO-3 the weights are partitions). The
-backward is `torch.autograd.grad` towards the input embeddings, which touches no parameter's
-`.grad` and leaves DeepSpeed's optimizer and its gradient buckets alone. An expert's gradient
+backward is `torch.autograd.grad` towards the input embeddings with every parameter frozen, which
+touches no parameter's `.grad` and leaves DeepSpeed's optimizer and its gradient buckets alone. An expert's gradient
 sums only the (token, expert) pairs routed to it: an expert no calibration token reached gets
 exactly zero.
 
@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pipeline.engine import data_parallel as dp
+from pipeline.engine.zero3 import silenced_leaf_gradient_hooks
 from pipeline.model.base_delta import base_weight_shapes
 from pipeline.model.lora import LoRALinear
 from pipeline.model.moe_block import HeteroMoEBlock, _groups
@@ -97,6 +98,11 @@ def weight_gradients(engine, setting: ModelSetting, batches: Iterable[dict[str, 
     engine.engine.train()
     device = engine.engine.device
     collector = _Collector(model)
+    # No parameter takes part in this backward: ZeRO-3's gradient hooks would otherwise queue
+    # the adapters' gradients for a reduction the next training step then finds twice.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     n_batches = 0
     try:
         for batch in batches:
@@ -108,10 +114,13 @@ def weight_gradients(engine, setting: ModelSetting, batches: Iterable[dict[str, 
             # refusal of any backward but engine.backward). ZeRO-3 gathers in module hooks.
             logits = model(**{k: v.to(device) for k, v in batch.items()}).logits
             loss = dp.token_loss_sum(logits, labels) / max(n_tokens, 1)  # this shard's share of the mean
-            torch.autograd.grad(loss, collector.inputs)
+            with silenced_leaf_gradient_hooks(engine.engine.optimizer):
+                torch.autograd.grad(loss, collector.inputs)
             n_batches += 1
     finally:
         collector.close()
+        for p in trainable:
+            p.requires_grad_(True)
     sums = {k: (v / max(n_batches, 1)).cpu() for k, v in collector.sums.items()}
     for key, shape in base_weight_shapes(model).items():  # a projection no token reached: zero
         sums.setdefault(key, torch.zeros(shape))

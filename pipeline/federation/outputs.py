@@ -55,27 +55,35 @@ def write_final(fed: Federation) -> Path:
     Every rank calls it; with expert shards the adapter file is joined from the writers' rows."""
     final, tmp = fed.run_dir / "final", fed.run_dir / ".final.tmp"
     held = adapters = fed.strategy.eval_adapters(None)  # under expert shards: this rank's rows
+    delta = fed.strategy.base_delta()  # a merging method's; under expert shards this rank's rows
     if fed.shards is not None:  # the writers save the expert rows; `adapters` keeps the rest
         adapters = stage_expert_rows(fed, tmp, held)
+        if delta:
+            delta = stage_expert_rows(fed, tmp / "delta", delta)
     elif fed.writes:
         checkpoint.clear_dir(tmp)
     if fed.writes:
-        shards = checkpoint.expert_shards(tmp)
-        if shards:
-            checkpoint.join_expert_shards(tmp / "adapter.safetensors", adapters, shards)
-            for _, _, path in shards:
-                path.unlink()
-        else:
-            save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / "adapter.safetensors"))
-        delta = fed.strategy.base_delta()
+        _save_joined(tmp / "adapter.safetensors", adapters, tmp)
         if delta:
-            save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp / "base_delta.safetensors"))
+            _save_joined(tmp / "base_delta.safetensors", delta, tmp / "delta")
+            shutil.rmtree(tmp / "delta", ignore_errors=True)
     if fed.cfg.checkpoint.save_merged and evaluates(fed):
         export_merged(fed, held, tmp / "model")
     if fed.writes:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     return final
+
+
+def _save_joined(path: Path, tensors: dict[str, Tensor], staged: Path) -> None:
+    """`tensors` plus the expert rows staged in `staged` (if any) as one file at `path`."""
+    shards = checkpoint.expert_shards(staged) if staged.is_dir() else []
+    if shards:
+        checkpoint.join_expert_shards(path, tensors, shards)
+        for _, _, shard in shards:
+            shard.unlink()
+    else:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
 def export_merged(fed: Federation, adapters: dict[str, Tensor], out: Path) -> None:

@@ -11,19 +11,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import FSL_REFERENCE, set_args
+
 from .conftest import REPO, TINY, fedmoe
 
 pytestmark = pytest.mark.slow
 
-# Kills the process right after the first client of round 3 has written its upload: round 2's
-# checkpoint is the latest, and round 3's file of that client exists but no index names it.
+# Kills the process right after the first client of round 2 has written its upload: round 1's
+# checkpoint is the latest, and round 2's file of that client exists but no index names it.
 KILLER = """
 import os, signal, sys
 from pipeline.algorithms.fedsmoothlora import FedSmoothLoRA
 contribution = FedSmoothLoRA.contribution
 def killing(self, update):
     out = contribution(self, update)
-    if update.round == 3:
+    if update.round == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return out
 FedSmoothLoRA.contribution = killing
@@ -51,13 +53,13 @@ def test_kill_between_two_clients_and_lost_state_dir_resume_bitwise(fsl_referenc
     run = tmp_path / "killed"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", KILLER, "run", "--config", str(TINY), "--out", str(run),
-                           "--set", "algorithm.name=fedsmoothlora"], cwd=REPO, env=env, capture_output=True)
+                           *set_args(FSL_REFERENCE)], cwd=REPO, env=env, capture_output=True)
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert (run / "checkpoints" / "latest").read_text().strip() == "round-000002"
-    assert len(list((run / "client_state").glob("c*-r000003.safetensors"))) == 1  # unindexed, rewritten
+    assert (run / "checkpoints" / "latest").read_text().strip() == "round-000001"
+    assert len(list((run / "client_state").glob("c*-r000002.safetensors"))) == 1  # unindexed, rewritten
     shutil.rmtree(run / "client_state")  # the checkpoint's own links must carry the state
     fedmoe("resume", run)
-    for name in ("final/base_delta.safetensors", "checkpoints/round-000003/state.safetensors"):
+    for name in ("final/base_delta.safetensors", "checkpoints/round-000002/state.safetensors"):
         want, got = load_file(fsl_reference / name), load_file(run / name)
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
     files = sorted(p.name for p in (fsl_reference / "client_state").iterdir())
@@ -65,4 +67,4 @@ def test_kill_between_two_clients_and_lost_state_dir_resume_bitwise(fsl_referenc
     for name in files:
         want, got = (load_file(r / "client_state" / name) for r in (fsl_reference, run))
         assert all(torch.equal(want[k], got[k]) for k in want), name
-    assert [e["round"] for e in _events(run, "round")] == [1, 2, 3]
+    assert [e["round"] for e in _events(run, "round")] == [1, 2]
