@@ -16,6 +16,12 @@ For a tier whose client group spans `n` ranks (`tiers[].ranks`, one GPU each) un
   and of the expert LoRA with its states; the ZeRO-partitioned terms stay p / n (the expert
   LoRA is partitioned over the n / P ranks holding the same experts). Activations are counted
   as without it (the routed pairs a rank computes average its own tokens' pairs).
+- method: what a merge-into-backbone method (flora, fedex-lora, frlora, fedsmoothlora) adds:
+  the pristine copy of every adapted base weight (attention projections and this rank's
+  experts, at the model dtype; on the CPU under ZeRO 3, so not counted there), and for
+  fedsmoothlora with `ga` on the fp32 calibration gradient of the same weights (formed on the
+  device, whatever the ZeRO stage: pipeline/engine/calibration.py). FedSmoothLoRA's per-client
+  state is on disk, not in memory: `client_state_bytes` (one fp32 adapter per virtual client).
 - activations: tokens per GPU (`ceil(train.batch_size / n) * train.max_length`, the padded
   upper bound) times the bytes per token below, counted from the tensors autograd saves
   (element size `s`: 2 under bf16, else 4), with T = training dtype:
@@ -82,6 +88,7 @@ from pipeline.errors import UserError
 
 GIB = 2**30
 HEADROOM = 0.9  # share of a GPU's memory the estimate may use
+MERGING_METHODS = ("flora", "fedex-lora", "frlora", "fedsmoothlora")  # keep a pristine base copy
 OLMOE_1B_7B_IDS = ("allenai/OLMoE-1B-7B-0924",)  # hub ids whose config is OLMOE_1B_7B (no network)
 
 
@@ -180,10 +187,11 @@ class TierMemory:
     activations: float
     activations_checkpointed: float
     gpu_memory_gb: float
+    method: float = 0.0  # a merging method's pristine base copy and calibration gradient
 
     @property
     def states(self) -> float:
-        return self.frozen + self.adapters + self.optimizer + self.gradients
+        return self.frozen + self.adapters + self.optimizer + self.gradients + self.method
 
     @property
     def total(self) -> float:
@@ -241,13 +249,45 @@ def tier_memory(shape: ModelShape, cfg: Config, index: int, top_k: int, ranks: i
     optimizer = 8 * per_rank(local_adapt, p_adapt, z >= 1)
     gradients = 4 * per_rank(local_adapt, p_adapt, z >= 2) + (elem * local_adapt if bf16 and z < 2 else 0.0)
 
+    method = method_bytes(shape, cfg, ep, elem)
+
     tokens = math.ceil(cfg.train.batch_size / n) * cfg.train.max_length
     per = activation_bytes_per_token(shape, top_k, lora.rank, elem, lora.experts, lora.attention)
     full = shape.layers * (per["layer"] + per["experts"]) + per["once"]
     checkpointed = shape.layers * elem * shape.hidden + max(per["once"], 2 * (per["layer"] + per["experts"]))
     tier = cfg.tiers[index]
     return TierMemory(index, tier.name, top_k, n, z, tokens, frozen, adapters, optimizer, gradients,
-                      tokens * full, tokens * checkpointed, tier.gpu_memory_gb)
+                      tokens * full, tokens * checkpointed, tier.gpu_memory_gb, method)
+
+
+def adapted_base_params(shape: ModelShape, cfg: Config, ep: int = 1) -> float:
+    """Base weights that carry a LoRA on one rank: attention projections, 1/ep of the experts."""
+    H, I, E = shape.hidden, shape.intermediate, shape.experts
+    lora = cfg.model.lora
+    attention = 2 * H * shape.q_out + 2 * H * shape.kv_out if lora.attention else 0
+    experts = E * 3 * H * I / ep if lora.experts else 0
+    return shape.layers * (attention + experts)
+
+
+def method_bytes(shape: ModelShape, cfg: Config, ep: int, elem: int) -> float:
+    """A merging method's pristine base copy (device, ZeRO < 3) and fedsmoothlora's fp32
+    calibration gradient, per rank."""
+    name = cfg.algorithm.name
+    if name not in MERGING_METHODS:
+        return 0.0
+    base = adapted_base_params(shape, cfg, ep)
+    out = elem * base if cfg.deepspeed.zero_stage < 3 else 0.0
+    if name == "fedsmoothlora" and cfg.algorithm.options.get("ga", True):
+        out += 4 * base
+    return out
+
+
+def client_state_bytes(shape: ModelShape, cfg: Config) -> float:
+    """fedsmoothlora's per-client state on disk: one fp32 rank-r adapter per virtual client."""
+    if cfg.algorithm.name != "fedsmoothlora":
+        return 0.0
+    lora = cfg.model.lora
+    return 4 * shape.adapter_params(lora.rank, lora.experts, lora.attention) * cfg.federation.clients
 
 
 def training_top_k(cfg: Config, shape: ModelShape, tiers: list[Tier]) -> list[int]:
@@ -299,14 +339,15 @@ def memory_table(rows: list[TierMemory], cfg: Config):
     table = Table(title=f"estimated peak GiB per GPU: {cfg.model.source}, {cfg.train.precision}, ZeRO "
                         f"{cfg.deepspeed.zero_stage}, batch {cfg.train.batch_size} x {cfg.train.max_length}",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for column in ("tier", "k", "ranks", "tokens", "frozen", "adapter+opt", "activ.", "total", "w/ ckpt",
-                   "GPU", "fits"):
+    method = any(r.method for r in rows)
+    for column in ("tier", "k", "ranks", "tokens", "frozen", "adapter+opt", *(["method"] if method else []),
+                   "activ.", "total", "w/ ckpt", "GPU", "fits"):
         table.add_column(column, justify="left" if column == "tier" else "right")
     for r in rows:
+        values = (r.frozen, r.adapters + r.optimizer + r.gradients, *([r.method] if method else []),
+                  r.activations, r.total, r.total_checkpointed)
         table.add_row(r.tier, str(r.top_k), str(r.ranks), str(r.tokens_per_gpu),
-                      *(f"{v / GIB:.2f}" for v in (r.frozen, r.adapters + r.optimizer + r.gradients,
-                                                   r.activations, r.total, r.total_checkpointed)),
-                      f"{r.gpu_memory_gb:g}", "yes" if r.fits else "NO")
+                      *(f"{v / GIB:.2f}" for v in values), f"{r.gpu_memory_gb:g}", "yes" if r.fits else "NO")
     return table
 
 
@@ -320,5 +361,13 @@ def memory_report(cfg: Config, world_size: int, console) -> list[TierMemory]:
         return []
     rows = plan_memory(cfg, world_size, shape)
     console.print(memory_table(rows, cfg))
+    if any(r.method for r in rows):
+        console.print("method: the pristine copy of the adapted base weights (ZeRO < 3)"
+                      + (" and the fp32 calibration gradient of the same weights"
+                         if cfg.algorithm.name == "fedsmoothlora" and cfg.algorithm.options.get("ga", True) else ""))
+    state = client_state_bytes(shape, cfg)
+    if state:
+        console.print(f"per-client state: {state / GIB:.2f} GiB on disk under RUN/client_state "
+                      f"({cfg.federation.clients} clients, one fp32 adapter each; none held in memory)")
     check_fits(rows)
     return rows

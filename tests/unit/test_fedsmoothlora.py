@@ -254,3 +254,51 @@ def test_truncated_svd_and_seeded_randomized_svd_match_torch():
     torch.manual_seed(3)
     u2, sv2, v2 = torch.svd_lowrank(m, q=4, niter=2)
     torch.testing.assert_close((u, sv, v), (u2, sv2, v2))
+
+
+def test_memory_plan_counts_the_pristine_copy_the_calibration_gradient_and_the_state_on_disk():
+    from pipeline.config import DEFAULT_CONFIG, load_config
+    from pipeline.federation.memory import adapted_base_params, client_state_bytes, model_shape, tier_memory
+
+    shape = model_shape("assets/tiny-olmoe")
+    H, I, E, L = shape.hidden, shape.intermediate, shape.experts, shape.layers
+    base = L * (4 * H * H + E * 3 * H * I)  # q, k, v, o (4 heads of 32, no GQA) and the experts
+
+    def method(*overrides):
+        cfg = load_config(DEFAULT_CONFIG, ["model.source=assets/tiny-olmoe", *overrides])
+        return tier_memory(shape, cfg, 0, 2, cfg.tiers[0].ranks).method, cfg
+
+    assert adapted_base_params(shape, load_config(DEFAULT_CONFIG)) == base
+    assert method("algorithm.name=smoe")[0] == 0
+    assert method("algorithm.name=frlora")[0] == 4 * base  # fp32 pristine copy
+    assert method("algorithm.name=fedsmoothlora")[0] == 8 * base  # + the fp32 calibration gradient
+    assert method("algorithm.name=fedsmoothlora", "algorithm.options={ga: false}")[0] == 4 * base
+    assert method("algorithm.name=fedsmoothlora", "deepspeed.zero_stage=3")[0] == 4 * base  # copy on the CPU
+    ep = method("algorithm.name=fedsmoothlora", "tiers.0.ranks=2", "tiers.0.ep_size=2")[0]
+    assert ep == 8 * L * (4 * H * H + E * 3 * H * I / 2)  # this rank's experts only
+    cfgs = [method("algorithm.name=fedsmoothlora", f"federation.clients={n}")[1] for n in (10, 1000)]
+    assert client_state_bytes(shape, cfgs[1]) == 100 * client_state_bytes(shape, cfgs[0]) > 0
+
+
+def test_shipped_configs_and_comparison_specs_name_valid_methods():
+    from pathlib import Path
+
+    from pipeline.algorithms import check_method
+    from pipeline.config import load_config
+    from pipeline.eval.compare import read_spec
+
+    root = Path(__file__).resolve().parents[2] / "configs"
+    names = set()
+    for path in sorted((root / "olmoe-1b-7b").glob("*.yaml")):
+        cfg = load_config(path)
+        check_method(cfg.algorithm.name, cfg.algorithm.options)
+        names.add(cfg.algorithm.name)
+    assert {"fedsmoothlora", "frlora"} <= names
+    new = {"fedsmoothlora": {}, "fedsmoothlora-no-rm": {"rm": False}, "fedsmoothlora-no-ga": {"ga": False},
+           "frlora": {}}
+    for spec_path in (root / "compare" / "benchmark.yaml", root / "compare" / "benchmark-long.yaml"):
+        spec = read_spec(spec_path)
+        for method, options in new.items():
+            cfg = load_config(spec.base, [*spec.overrides, *spec.methods[method]])
+            assert cfg.algorithm.name == method.split("-")[0] and cfg.algorithm.options == options
+            check_method(cfg.algorithm.name, cfg.algorithm.options)
