@@ -6,6 +6,7 @@ put several runs side by side; `write_report(run_dir)` renders them with three p
     plots/accuracy.png     accuracy per tier vs round (round 0 = base model), dashed chance line
     plots/expert_load.png  per tier, layers x experts: routed tokens relative to a uniform router
     plots/train_loss.png   mean client training loss per tier vs round
+    plots/step_loss.png    mean client training loss at every local step across rounds (step_loss.py)
 
 Works on partial runs (only the base eval, a killed run): missing data gives a placeholder plot.
 """
@@ -28,6 +29,7 @@ from matplotlib.ticker import MaxNLocator
 from pipeline.eval.balance import LOW_LOAD, balance_stats
 from pipeline.eval.divergence import report_lines
 from pipeline.eval.metrics import read_metrics
+from pipeline.eval.step_loss import jump_summary, plot_step_loss
 
 __all__ = ["write_report", "load_summary"]
 
@@ -47,6 +49,7 @@ class RunData:
     warnings: list[dict] = field(default_factory=list)  # `divergence` and `data` events
     times: list[float] = field(default_factory=list)
     chance: float | None = None
+    clients: list[dict] = field(default_factory=list)  # `client` events (per-step losses)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,6 +86,7 @@ def collect(run_dir: Path) -> RunData:
             tier = str(event.get("tier", "?"))
             _add_tier(data, tier)
             data.train_loss[tier][round_].append(float(event["train_loss"]))
+            data.clients.append(event)
         elif kind == "round" and _is_int(round_):
             if _is_num(event.get("seconds")):
                 data.round_seconds[round_] = float(event["seconds"])
@@ -184,6 +188,7 @@ def _summarise(data: RunData, run_dir: Path) -> dict:
                  "resumes": statuses.count("resumed")},
         "rejected": [{k: e.get(k) for k in ("round", "client", "reason")} for e in data.rejects],
         "warnings": report_lines(data.warnings),
+        "loss_jump": jump_summary(data.clients),
     }
 
 
@@ -192,7 +197,8 @@ def load_summary(run_dir: Path) -> dict:
 
     Keys: algorithm, status, rounds, chance, tiers {tier: {top_k, lora_rank, base, final,
     final_round, best, best_round, change, final_loss, per_family, base_per_family}},
-    base {tier: acc}, final {tier: acc}, balance {tier: balance_stats}, time, rejected.
+    base {tier: acc}, final {tier: acc}, balance {tier: balance_stats}, time, rejected,
+    loss_jump {tier or "all clients": mean train-loss jump at round starts, or None}.
     """
     run_dir = Path(run_dir)
     return _summarise(collect(run_dir), run_dir)
@@ -378,6 +384,10 @@ def _run_section(summary: dict) -> list[str]:
              f"- wall clock (first to last event): {duration(t['wall_seconds'])}"]
     if t["resumes"]:
         lines.append(f"- resumed {t['resumes']} time(s)")
+    jumps = {k: v for k, v in summary.get("loss_jump", {}).items() if v is not None}
+    if jumps:
+        lines.append("- mean train-loss jump at round starts (first step of round t minus last of t-1): "
+                     + ", ".join(f"{k} {v:+.4f}" for k, v in jumps.items()))
     rejected = summary["rejected"]
     if rejected:
         lines.append(f"- rejected client updates: {len(rejected)}")
@@ -395,7 +405,8 @@ def render_markdown(summary: dict) -> str:
     lines += ["## Plots", "",
               "![accuracy per tier](plots/accuracy.png)", "",
               "![expert load per tier](plots/expert_load.png)", "",
-              "![train loss per tier](plots/train_loss.png)", ""]
+              "![train loss per tier](plots/train_loss.png)", "",
+              "![train loss at every local step](plots/step_loss.png)", ""]
     return "\n".join(lines)
 
 
@@ -409,6 +420,7 @@ def write_report(run_dir: Path) -> Path:
     plot_accuracy(data, plots / "accuracy.png")
     plot_expert_load(data, summary, plots / "expert_load.png")
     plot_train_loss(data, plots / "train_loss.png")
+    plot_step_loss(data.clients, data.tiers, _new_figure(8.0, 4.0), plots / "step_loss.png", _save)
     report = run_dir / "report.md"
     tmp = run_dir / ".report.md.tmp"
     tmp.write_text(render_markdown(summary))
