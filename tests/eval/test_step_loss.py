@@ -31,5 +31,5 @@ def test_report_plots_the_steps_and_states_the_jump(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     write_report(tmp_path)
     assert (tmp_path / "plots" / "step_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert load_summary(tmp_path)["loss_jump"][ALL] == pytest.approx(0.25 / 2)
+    assert load_summary(tmp_path)["loss_jump"][ALL] == pytest.approx(0.25)  # both rounds jump by 0.25
     assert "jump at round starts" in (tmp_path / "report.md").read_text()
