@@ -34,9 +34,10 @@ class FRLoRA(MergeStrategy):
         """PiSSA from the pristine base, once (round 1, or a resume from round 0's checkpoint)."""
         if self.fresh:
             return
-        weights = dict(ops.base_weights())
-        for key, a, b in self.pairs:
-            a0, b0 = mm.pissa_factors(weights.pop(key), self.model.lora_rank, self.scale)
+        names = {key: (a, b) for key, a, b in self.pairs}
+        for key, weight in ops.base_weights():  # one weight at a time
+            a, b = names[key]
+            a0, b0 = mm.pissa_factors(weight, self.model.lora_rank, self.scale)
             self.fresh[a], self.fresh[b] = a0.float(), b0.float()
             self.merge(key, (-1.0, self.fresh[a], self.fresh[b]))  # W_res = W - s B_0 A_0
         self.global_adapters = {k: v.clone() for k, v in self.fresh.items()}
