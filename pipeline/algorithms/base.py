@@ -143,6 +143,10 @@ class Strategy(ABC):
     # `set_base(deltas, low_rank)` sets the base to pristine + deltas + low-rank shifts; a
     # client's ops add `calibration_batches(n, batch_size)` and `weight_gradients(setting,
     # batches)` (the full-weight gradient of the client's loss, pipeline/engine/calibration.py).
+    def check_run(self, base_shapes: dict[str, tuple[int, ...]], group_ranks: int) -> None:
+        """ConfigError if the method cannot run on this model (its adapted base weights' shapes,
+        by LoRA pair key) with client groups of up to `group_ranks` ranks; before anything is written."""
+
     def attach_storage(self, storage) -> None:
         """Where the method may keep files (client_store.RunStorage), once per training run."""
 

@@ -79,6 +79,20 @@ class FedSmoothLoRA(MergeStrategy):
         self.merged: dict[str, Tensor] = {}  # G: the server LoRA merged last round (A and B names)
         self.pending_index: dict | None = None
 
+    def check_run(self, base_shapes, group_ranks: int) -> None:
+        if not self.options["ga"]:
+            return
+        r = self.model.lora_rank
+        for key, shape in base_shapes.items():
+            if 2 * r > min(shape[-2:]):
+                raise ConfigError(f"model.lora.rank: the gradient-aligned init takes singular vectors r..2r, "
+                                  f"so 2 r must be <= {min(shape[-2:])} ({key}), got r = {r}; lower it or "
+                                  f"set algorithm.options.ga=false")
+        if self.options["ga_batch_size"] < group_ranks:
+            raise ConfigError(f"algorithm.options.ga_batch_size: a calibration batch is split over a client "
+                              f"group's ranks, so it must be >= tiers[].ranks ({group_ranks}), "
+                              f"got {self.options['ga_batch_size']}")
+
     def attach_storage(self, storage: RunStorage) -> None:
         self.store = ClientStore(storage)
         if self.pending_index is not None:

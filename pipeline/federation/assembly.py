@@ -19,6 +19,7 @@ from pipeline.federation.inputs import FederatedData, load_federated_data, load_
 from pipeline.federation.sampling import ADAPTER_INIT, assign_tiers, derive_seed
 from pipeline.federation.topology import Topology, current_topology
 from pipeline.model import init_adapter_state
+from pipeline.model.base_delta import base_weight_shapes
 from pipeline.model.routing import enable_routing_modulation, set_record_routing
 
 
@@ -59,6 +60,7 @@ def setup(cfg: Config):
     strategy.total_rounds = cfg.federation.rounds
     apply_model_features(model, strategy, cfg)
     strategy.init_state(init_adapter_state(model, derive_seed(cfg.seed, ADAPTER_INIT)))
+    strategy.check_run(base_weight_shapes(model), max(t.ranks for t in cfg.tiers))
     data = load_federated_data(cfg, tokenizer)
     return model, tokenizer, tiers, strategy, data
 

@@ -68,3 +68,18 @@ def test_kill_between_two_clients_and_lost_state_dir_resume_bitwise(fsl_referenc
         want, got = (load_file(r / "client_state" / name) for r in (fsl_reference, run))
         assert all(torch.equal(want[k], got[k]) for k in want), name
     assert [e["round"] for e in _events(run, "round")] == [1, 2]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["algorithm.options={zeta: 0.2}"], "algorithm.options.min_zeta"),
+    (["model.lora.rank=40"], "model.lora.rank: the gradient-aligned init"),  # 2 r > 64, the experts' I
+    (["tiers.1.ranks=8"], "algorithm.options.ga_batch_size"),  # a batch of 4 over 8 ranks
+])
+def test_bad_input_is_one_line_naming_the_field_and_exit_2(capsys, tmp_path, overrides, needle):
+    from pipeline.cli import main
+
+    argv = ["run", "--config", str(TINY), "--out", str(tmp_path / "r"), "--set", "algorithm.name=fedsmoothlora"]
+    assert main([*argv, *set_args(overrides)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fedmoe: error: ") and needle in err, err
+    assert not (tmp_path / "r").exists()
