@@ -8,7 +8,12 @@ round-matches from its state on disk). Per client count, in a fresh process each
 peak RSS, what the strategy's state holds (the merged delta and last server LoRA: fixed by the
 model) and the state on disk (which does grow: one adapter per client).
 
-    python bench/client_state.py [--clients 10 100 1000] [--per-round 50]
+    python bench/client_state.py [--clients 10 100 1000] [--per-round 10] [--no-ga]
+
+The clients of one round are held together (their uploads' stacked factors until the server's
+SVD), so memory follows `--per-round`, which stays fixed while the virtual clients grow.
+`--no-ga` skips the stand-in calibration gradients (the slow part: a dense random tensor per
+adapted weight per client), which are freed after each client either way.
 
 Prints numbers, asserts nothing.
 """
@@ -26,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def child(n_clients: int, per_round: int, root: str) -> None:
+def child(n_clients: int, per_round: int, root: str, ga: bool) -> None:
     import torch
 
     sys.path.insert(0, str(REPO))
@@ -43,7 +48,7 @@ def child(n_clients: int, per_round: int, root: str) -> None:
     del model
     tier = Tier(0, "t", 1.0, 8, 8, 1.0)
     info = ModelInfo(config["num_hidden_layers"], config["num_experts"], 8, 8, 16.0)
-    s = build_strategy("fedsmoothlora", {}, info, [tier])
+    s = build_strategy("fedsmoothlora", {"ga": ga}, info, [tier])
     s.init_state(adapters)
     s.total_rounds = 2 * -(-n_clients // per_round)
     s.attach_storage(RunStorage(Path(root) / "client_state"))
@@ -85,18 +90,21 @@ def child(n_clients: int, per_round: int, root: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
-    p.add_argument("--per-round", type=int, default=50)
-    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--per-round", type=int, default=10)
+    p.add_argument("--no-ga", action="store_true", help="algorithm.options.ga=false")
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(int(args.child[0]), int(args.child[1]), args.child[2])
+        child(int(args.child[0]), int(args.child[1]), args.child[2], args.child[3] == "ga")
         return
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    print(f"fedsmoothlora, tiny OLMoE adapter shapes, {args.per_round} clients a round, every client twice")
+    print(f"fedsmoothlora (ga {'off' if args.no_ga else 'on'}), tiny OLMoE adapter shapes, "
+          f"{args.per_round} clients a round, every client twice")
     print(f"{'clients':>8} {'rounds':>7} {'peak RSS MiB':>13} {'strategy state MiB':>19} {'state on disk MiB':>18}")
     for n in args.clients:
         with tempfile.TemporaryDirectory() as tmp:
-            proc = subprocess.run([sys.executable, __file__, "--child", str(n), str(min(n, args.per_round)), tmp],
+            proc = subprocess.run([sys.executable, __file__, "--child", str(n), str(min(n, args.per_round)), tmp,
+                                   "no-ga" if args.no_ga else "ga"],
                                   cwd=REPO, env=env, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.exit(f"{n} clients failed:\n{proc.stderr[-2000:]}")
