@@ -21,6 +21,7 @@ def tiny_olmoe(tiny_olmoe_config):
 # tests that compare against them (each costs tens of seconds on 2 cores). Every run uses the
 # same environment (one thread, tests/*/conftest.py), so bitwise comparisons between them are meaningful.
 GROUPS_OF_TWO = ("tiers.0.ranks=2", "tiers.1.ranks=2", "deepspeed.zero_stage=2")
+FSL_REFERENCE = ("algorithm.name=fedsmoothlora", "federation.rounds=2", "checkpoint.keep=3")
 
 
 def set_args(overrides) -> list[str]:
@@ -44,6 +45,17 @@ def tiny_reference(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny-reference") / "run"
     fedmoe("run", "--config", TINY, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fsl_reference(tmp_path_factory):
+    """One uninterrupted single-process fedsmoothlora run of the tiny config, 2 rounds (round 2
+    round-matches client 0 of round 1), every checkpoint kept."""
+    from tests.e2e.conftest import TINY, fedmoe
+
+    out = tmp_path_factory.mktemp("fsl-reference") / "run"
+    fedmoe("run", "--config", TINY, "--out", out, *set_args(FSL_REFERENCE))
     return out
 
 

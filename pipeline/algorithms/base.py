@@ -82,6 +82,7 @@ class Strategy(ABC):
         self.tiers = tiers
         self.global_adapters: dict[str, Tensor] = {}
         self.expert_range: tuple[int, int] | None = None  # None: every expert
+        self.total_rounds = 0  # the run's federation.rounds (set by assembly.setup): for schedules
 
     def shard_experts(self, start: int, stop: int) -> None:
         """Keep only experts [start, stop) of the expert-LoRA tensors (expert_sharded methods)."""
@@ -139,6 +140,34 @@ class Strategy(ABC):
         """Called after backward, before the optimizer step, for state updates from the step
         (e.g. a balancing bias). Under ZeRO 1/2 `p.grad` is already gone here: gradient edits
         belong in tensor hooks set up by `configure_model`."""
+
+    # --- model access: methods that work on the base weights (merge-into-backbone) ----------
+    # `ops` (pipeline/federation/model_ops.py) is the strategy's only handle on the model:
+    # `base_weights()` yields (LoRA pair key, pristine base weight), this rank's expert rows;
+    # `set_base(deltas, low_rank)` sets the base to pristine + deltas + low-rank shifts; a
+    # client's ops add `calibration_batches(n, batch_size)` and `weight_gradients(setting,
+    # batches)` (the full-weight gradient of the client's loss, pipeline/engine/calibration.py).
+    def check_run(self, base_shapes: dict[str, tuple[int, ...]], group_ranks: int) -> None:
+        """ConfigError if the method cannot run on this model (its adapted base weights' shapes,
+        by LoRA pair key) with client groups of up to `group_ranks` ranks; before anything is written."""
+
+    def attach_storage(self, storage) -> None:
+        """Where the method may keep files (client_store.RunStorage), once per training run."""
+
+    def prepare_round(self, ops, round_: int) -> None:
+        """Every rank, before the round's clients train."""
+
+    def prepare_client(self, plan: ClientPlan, ops) -> ClientPlan:
+        """Before `plan`'s client trains: the plan it trains from (default: `plan` itself). A
+        method that shifts the base for this client sets it here; the next client's
+        `prepare_client`, the round's start and every evaluation set the base again."""
+        return plan
+
+    def stage_files(self, directory) -> None:
+        """Add the method's files to the checkpoint being written in `directory` (world rank 0)."""
+
+    def restore_files(self, directory) -> None:
+        """After `load_state_dict` from the checkpoint in `directory` (every rank)."""
 
     # --- aggregation --------------------------------------------------------------------
     @abstractmethod

@@ -9,6 +9,8 @@ entry (`deepspeed.utils.set_z3_leaf_modules`). Its buffers (`token_counts`) and 
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -75,3 +77,32 @@ def add_extra_loss_gradient(params: dict[str, nn.Parameter], extra_loss, model: 
         if grad is not None:
             p = params[name]
             safe_set_local_grad(p, safe_get_local_grad(p) + local_partition(p, grad.float()))
+
+
+_LEAF_HOOK_CALLS = ("should_refresh_expected_hook_count", "reenter_backward_if_needed",
+                    "reduce_ready_partitions_and_remove_grads", "update_hook_state_and_maybe_run_epilogue")
+
+
+@contextmanager
+def silenced_leaf_gradient_hooks(optimizer):
+    """ZeRO-3 reduces a leaf module's (HeteroMoEBlock's) parameter gradients in a full backward
+    hook on the module, which fires in any backward through it, also one that computes no
+    parameter gradient (the calibration gradient, pipeline/engine/calibration.py): it would queue
+    the block's parameters for a reduction that the next training step then finds twice. Inside,
+    the hook's calls into the optimizer do nothing (instance attributes shadowing its methods);
+    on exit the methods are back and the zero gradients the hook left are dropped. Without
+    ZeRO-3 leaf modules it does nothing."""
+    leaves = getattr(optimizer, "leaf_parameters", None)
+    if not leaves:
+        yield
+        return
+    for name in _LEAF_HOOK_CALLS:
+        setattr(optimizer, name, lambda *args, **kwargs: False)
+    try:
+        yield
+    finally:
+        for name in _LEAF_HOOK_CALLS:
+            delattr(optimizer, name)
+        for params in leaves.values():
+            for p in params:
+                p.grad = None

@@ -6,6 +6,7 @@ three plots:
     plots/accuracy.png     accuracy per tier vs round (round 0 = base model), dashed chance line
     plots/expert_load.png  per tier, layers x experts: routed tokens relative to a uniform router
     plots/train_loss.png   mean client training loss per tier vs round
+    plots/step_loss.png    mean client training loss at every local step across rounds (step_loss.py)
 
 Works on partial runs (only the base eval, a killed run): missing data gives a placeholder plot.
 """
@@ -22,6 +23,7 @@ from matplotlib.ticker import MaxNLocator
 
 from pipeline.eval.balance import LOW_LOAD
 from pipeline.eval.metrics import is_number, percent
+from pipeline.eval.step_loss import plot_step_loss
 from pipeline.eval.summary import RunData, collect, relative_load, summarise
 
 __all__ = ["write_report"]
@@ -203,6 +205,10 @@ def _run_section(summary: dict) -> list[str]:
              f"- wall clock (first to last event): {duration(t['wall_seconds'])}"]
     if t["resumes"]:
         lines.append(f"- resumed {t['resumes']} time(s)")
+    jumps = {k: v for k, v in summary.get("loss_jump", {}).items() if v is not None}
+    if jumps:
+        lines.append("- mean train-loss jump at round starts (first step of round t minus last of t-1): "
+                     + ", ".join(f"{k} {v:+.4f}" for k, v in jumps.items()))
     rejected = summary["rejected"]
     if rejected:
         lines.append(f"- rejected client updates: {len(rejected)}")
@@ -220,7 +226,8 @@ def render_markdown(summary: dict) -> str:
     lines += ["## Plots", "",
               "![accuracy per tier](plots/accuracy.png)", "",
               "![expert load per tier](plots/expert_load.png)", "",
-              "![train loss per tier](plots/train_loss.png)", ""]
+              "![train loss per tier](plots/train_loss.png)", "",
+              "![train loss at every local step](plots/step_loss.png)", ""]
     return "\n".join(lines)
 
 
@@ -234,6 +241,7 @@ def write_report(run_dir: Path) -> Path:
     plot_accuracy(data, plots / "accuracy.png")
     plot_expert_load(data, summary, plots / "expert_load.png")
     plot_train_loss(data, plots / "train_loss.png")
+    plot_step_loss(data.clients, data.tiers, _new_figure(8.0, 4.0), plots / "step_loss.png", _save)
     report = run_dir / "report.md"
     tmp = run_dir / ".report.md.tmp"
     tmp.write_text(render_markdown(summary))

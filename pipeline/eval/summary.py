@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.eval.balance import balance_stats
 from pipeline.eval.divergence import report_lines
+from pipeline.eval.step_loss import jump_summary
 from pipeline.eval.metrics import is_number, read_metrics
 
 
@@ -35,6 +36,7 @@ class RunData:
     warnings: list[dict] = field(default_factory=list)  # `divergence` and `data` events
     times: list[float] = field(default_factory=list)
     chance: float | None = None
+    clients: list[dict] = field(default_factory=list)  # `client` events (per-step losses)
 
 
 def read_config(run_dir: Path) -> dict:
@@ -67,6 +69,7 @@ def collect(run_dir: Path) -> RunData:
             tier = str(event.get("tier", "?"))
             _add_tier(data, tier)
             data.train_loss[tier][round_].append(float(event["train_loss"]))
+            data.clients.append(event)
         elif kind == "round" and _is_int(round_):
             if is_number(event.get("seconds")):
                 data.round_seconds[round_] = float(event["seconds"])
@@ -162,6 +165,7 @@ def summarise(data: RunData, run_dir: Path) -> dict:
                  "resumes": statuses.count("resumed")},
         "rejected": [{k: e.get(k) for k in ("round", "client", "reason")} for e in data.rejects],
         "warnings": report_lines(data.warnings),
+        "loss_jump": jump_summary(data.clients),
     }
 
 
@@ -170,7 +174,8 @@ def load_summary(run_dir: Path) -> dict:
 
     Keys: algorithm, status, rounds, chance, tiers {tier: {top_k, lora_rank, base, final,
     final_round, best, best_round, change, final_loss, per_family, base_per_family}},
-    base {tier: acc}, final {tier: acc}, balance {tier: balance_stats}, time, rejected.
+    base {tier: acc}, final {tier: acc}, balance {tier: balance_stats}, time, rejected,
+    loss_jump {tier or "all clients": mean train-loss jump at round starts, or None}.
     """
     run_dir = Path(run_dir)
     return summarise(collect(run_dir), run_dir)

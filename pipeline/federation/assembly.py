@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from pipeline.algorithms import ModelInfo, Strategy, build_strategy, check_method
+from pipeline.algorithms.client_store import RunStorage
 from pipeline.config import Config, Tier, resolve_tiers
 from pipeline.engine.client import ClientEngine
 from pipeline.engine.determinism import use_deterministic_kernels
@@ -18,6 +19,7 @@ from pipeline.federation.inputs import FederatedData, load_federated_data, load_
 from pipeline.federation.sampling import ADAPTER_INIT, assign_tiers, derive_seed
 from pipeline.federation.topology import Topology, current_topology
 from pipeline.model import init_adapter_state
+from pipeline.model.base_delta import base_weight_shapes
 from pipeline.model.routing import enable_routing_modulation, set_record_routing
 
 
@@ -55,8 +57,10 @@ def setup(cfg: Config):
     info = ModelInfo(mcfg.num_hidden_layers, mcfg.num_experts, mcfg.num_experts_per_tok,
                      cfg.model.lora.rank, cfg.model.lora.alpha)
     strategy = build_strategy(cfg.algorithm.name, cfg.algorithm.options, info, tiers)
+    strategy.total_rounds = cfg.federation.rounds
     apply_model_features(model, strategy, cfg)
     strategy.init_state(init_adapter_state(model, derive_seed(cfg.seed, ADAPTER_INIT)))
+    strategy.check_run(base_weight_shapes(model), max(t.ranks for t in cfg.tiers))
     data = load_federated_data(cfg, tokenizer)
     return model, tokenizer, tiers, strategy, data
 
@@ -80,12 +84,24 @@ def build(cfg: Config, run_dir: Path, resume_offset: int | None, parts=None) -> 
     if shards is not None:  # from here on this rank holds only its experts' adapters
         strategy.shard_experts(*shards.range)
         engine.sharded_io = True
+    strategy.attach_storage(run_storage(run_dir, topology, shards))
     metrics = (MetricsLogger(run_dir, resume_offset=resume_offset, tensorboard=cfg.logging.tensorboard)
                if topology.writes else None)
     if topology.distributed:
         metrics = GroupMetrics(metrics)
     return Federation(cfg, run_dir, tiers, assign_tiers(cfg.federation.clients, tiers, cfg.seed),
                       data, tokenizer, engine, strategy, metrics, topology=topology, shards=shards)
+
+
+def run_storage(run_dir: Path, topology: Topology, shards: ExpertShards | None) -> RunStorage:
+    """RUN/client_state, written by each client group's first rank (and, for expert rows under
+    expert-sharded aggregation, by the ranks whose expert sums count), pruned by world rank 0."""
+    if not topology.distributed:
+        return RunStorage(run_dir / "client_state")
+    dense = topology.group_rank == 0
+    return RunStorage(run_dir / "client_state", writes_dense=dense,
+                      writes_experts=shards.contributes if shards is not None else dense,
+                      prunes=topology.writes, barrier=topology.barrier)
 
 
 def sharded_aggregation(topology: Topology, strategy: Strategy, num_experts: int) -> ExpertShards | None:

@@ -30,8 +30,10 @@ from pipeline.model.adapters import is_expert_adapter
 
 def is_expert_key(key: str) -> bool:
     """A contribution or state key whose tensor is indexed by expert in its first dimension:
-    the last `/`-part names an expert-LoRA tensor (`sum/...lora_gate_up_A`, `ew/...`)."""
-    return is_expert_adapter(key.rsplit("/", 1)[-1])
+    the last `/`-part names an expert-LoRA tensor (`sum/...lora_gate_up_A`, `ew/...`) or an
+    expert LoRA pair (`delta/...mlp.lora_gate_up`: a merged base delta, [E, out, in])."""
+    leaf = key.rsplit("/", 1)[-1]
+    return is_expert_adapter(leaf) or is_expert_adapter(leaf + "_A")
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,14 @@ def save_round(fed: Federation, round_: int, offset: int | None = None) -> None:
     if not fed.writes:
         return
     offset = fed.metrics.offset() if offset is None else offset
+    staging = checkpoint.staging_dir(fed.run_dir, round_)
+    if fed.shards is None:
+        checkpoint.clear_dir(staging)
+    fed.strategy.stage_files(staging)  # the method's own files (per-client state)
     checkpoint.save_checkpoint(fed.run_dir, round_, tensors,
                                {"strategy": state, "metrics_offset": offset,
                                 "algorithm": fed.cfg.algorithm.name},
-                               keep=fed.cfg.checkpoint.keep, staged=fed.shards is not None)
+                               keep=fed.cfg.checkpoint.keep, staged=True)
 
 
 def stage_expert_rows(fed: Federation, directory: Path, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -50,27 +54,35 @@ def write_final(fed: Federation) -> Path:
     Every rank calls it; with expert shards the adapter file is joined from the writers' rows."""
     final, tmp = fed.run_dir / "final", fed.run_dir / ".final.tmp"
     held = adapters = fed.strategy.eval_adapters(None)  # under expert shards: this rank's rows
+    delta = fed.strategy.base_delta()  # a merging method's; under expert shards this rank's rows
     if fed.shards is not None:  # the writers save the expert rows; `adapters` keeps the rest
         adapters = stage_expert_rows(fed, tmp, held)
+        if delta:
+            delta = stage_expert_rows(fed, tmp / "delta", delta)
     elif fed.writes:
         checkpoint.clear_dir(tmp)
     if fed.writes:
-        shards = checkpoint.expert_shard_files(tmp)
-        if shards:
-            checkpoint.join_expert_shard_files(tmp / "adapter.safetensors", adapters, shards)
-            for _, _, path in shards:
-                path.unlink()
-        else:
-            save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / "adapter.safetensors"))
-        delta = fed.strategy.base_delta()
+        _save_joined(tmp / "adapter.safetensors", adapters, tmp)
         if delta:
-            save_file({k: v.contiguous() for k, v in delta.items()}, str(tmp / "base_delta.safetensors"))
+            _save_joined(tmp / "base_delta.safetensors", delta, tmp / "delta")
+            shutil.rmtree(tmp / "delta", ignore_errors=True)
     if fed.cfg.checkpoint.save_merged and evaluates(fed):
         export_merged(fed, held, tmp / "model")
     if fed.writes:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     return final
+
+
+def _save_joined(path: Path, tensors: dict[str, Tensor], staged: Path) -> None:
+    """`tensors` plus the expert rows staged in `staged` (if any) as one file at `path`."""
+    shards = checkpoint.expert_shard_files(staged) if staged.is_dir() else []
+    if shards:
+        checkpoint.join_expert_shard_files(path, tensors, shards)
+        for _, _, shard in shards:
+            shard.unlink()
+    else:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
 
 
 def export_merged(fed: Federation, adapters: dict[str, Tensor], out: Path) -> None:

@@ -25,6 +25,7 @@ from pipeline.federation.callbacks import Callback, ProgressDisplay, Report, Tea
 from pipeline.federation.collectives import PackedSums
 from pipeline.federation.distributed import reduce_round
 from pipeline.federation.expert_shards import is_expert_key
+from pipeline.federation.model_ops import ClientOps, ModelOps
 from pipeline.federation.outputs import save_round, write_final
 from pipeline.federation.sampling import LOCAL_DATA, derive_seed, local_batches, sample_clients
 from pipeline.model import flops_per_token, set_base_delta
@@ -38,6 +39,7 @@ def train_client(fed: Federation, client: int, round_: int, progress: ProgressDi
     cfg, strategy = fed.cfg, fed.strategy
     seed = derive_seed(cfg.seed, LOCAL_DATA, round_, client)
     plan = strategy.plan(client, round_, fed.client_tiers[client])
+    plan = strategy.prepare_client(plan, ClientOps(fed, client, round_))
     indices = fed.data.client_indices[client]
     batches = (fed.data.train_batch(b) for b in
                local_batches(indices, cfg.train.local_steps, cfg.train.batch_size, seed))
@@ -57,7 +59,7 @@ def train_client(fed: Federation, client: int, round_: int, progress: ProgressDi
                         n_samples=len(indices), expert_token_counts=counts, tokens=tokens,
                         metrics={"train_loss": sum(result.losses) / len(result.losses),
                                  "final_loss": result.losses[-1], "seconds": result.seconds,
-                                 "steps": len(result.losses)},
+                                 "steps": len(result.losses), "losses": result.losses},
                         extras=strategy.client_extras(fed.engine.model, plan))
 
 
@@ -79,6 +81,7 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
     cfg, strategy = fed.cfg, fed.strategy
     start = time.perf_counter()
     clients = sample_clients(cfg.federation.clients, cfg.federation.clients_per_round, cfg.seed, round_)
+    strategy.prepare_round(ModelOps(fed), round_)
     set_base_delta(fed.engine.model, strategy.base_delta())
     sums = PackedSums(fed.sums_layout, packed=(lambda k: not is_expert_key(k)) if fed.shards else None)
     load: dict[str, torch.Tensor] = {}
@@ -176,6 +179,7 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
     if state is not None:
         tensors, meta = checkpoint.load_checkpoint(state, fed.shards.range if fed.shards else None)
         fed.strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
+        fed.strategy.restore_files(state)
     # The bits are reproducible for a given thread count and library versions: record both.
     fed.metrics.log("run", status="resumed" if state else "started", round=start_round,
                     threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled(),

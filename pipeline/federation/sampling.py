@@ -14,7 +14,7 @@ import torch
 from pipeline.config import Tier
 
 # Streams keep draws for different purposes independent even with equal (round, client).
-SAMPLING, LOCAL_DATA, ADAPTER_INIT, TIER_ASSIGNMENT = 1, 2, 3, 4
+SAMPLING, LOCAL_DATA, ADAPTER_INIT, TIER_ASSIGNMENT, GA_INIT = 1, 2, 3, 4, 5
 
 
 def derive_seed(seed: int, *keys: int) -> int:

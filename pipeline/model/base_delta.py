@@ -53,25 +53,31 @@ def _local_rows(delta: Tensor, weight: Tensor, block: HeteroMoEBlock | None) -> 
     return delta[start:start + weight.shape[0]]
 
 
+LowRank = dict[str, list[tuple[float, Tensor, Tensor]]]  # key -> [(c, B, A)]: sum of c * B @ A
+
+
 @torch.no_grad()
-def set_base_delta(model: nn.Module, deltas: dict[str, Tensor]) -> None:
-    """Set every adapted base weight to its pristine value plus `deltas[key]` (zero if absent).
+def set_base_delta(model: nn.Module, deltas: dict[str, Tensor], low_rank: LowRank | None = None) -> None:
+    """Set every adapted base weight to its pristine value plus `deltas[key]` (zero if absent)
+    plus `sum c * B @ A` over `low_rank[key]` (factors as LoRA has them, B [.., out, k] and
+    A [.., k, in]; a client's own shift of the base, formed one weight at a time).
 
     The pristine copy of a weight is taken the first time it gets a delta: until then it has
     never been changed, and methods without deltas keep no copy."""
     weights = lora_base_weights(model)
-    unknown = sorted(set(deltas) - set(weights))
+    low_rank = low_rank or {}
+    unknown = sorted((set(deltas) | set(low_rank)) - set(weights))
     if unknown:
         raise ValueError(f"base delta for unknown LoRA pair {unknown[0]!r}")
     pristine = getattr(model, PRISTINE, None)
     if pristine is None:
-        if not deltas:
+        if not deltas and not low_rank:
             return  # nothing merged yet: no copy needed
         pristine = {}
         setattr(model, PRISTINE, pristine)
     blocks = expert_base_keys(model)
     for key, w in weights.items():
-        if key not in pristine and key not in deltas:
+        if key not in pristine and key not in deltas and key not in low_rank:
             continue  # never merged: nothing to restore (the same keys on every rank)
         with gathered([w], modify=True):  # one weight at a time: ZeRO-3 never holds them all
             if key not in pristine:
@@ -80,9 +86,13 @@ def set_base_delta(model: nn.Module, deltas: dict[str, Tensor]) -> None:
             if value.shape != w.shape:
                 raise RuntimeError(f"{key}: pristine base {tuple(value.shape)} for a weight of "
                                    f"{tuple(w.shape)} (experts gathered without gathered_pristine?)")
+            block = blocks.get(key, (None,))[0]
             if key in deltas:
-                delta = _local_rows(deltas[key], w, blocks.get(key, (None,))[0])
+                delta = _local_rows(deltas[key], w, block)
                 value = value + delta.to(device=w.device, dtype=value.dtype)
+            for c, b, a in low_rank.get(key, ()):
+                shift = c * torch.matmul(_local_rows(b, w, block).double(), _local_rows(a, w, block).double())
+                value = value + shift.to(device=w.device, dtype=value.dtype)
             w.data.copy_(value)
 
 
@@ -109,3 +119,21 @@ def gathered_pristine(model: nn.Module, gather):
                 pristine[key] = saved[key]
             else:
                 pristine.pop(key, None)
+
+
+@torch.no_grad()
+def pristine_weights(model: nn.Module):
+    """(pair key, the adapted base weight before any delta, a float32 CPU copy), one weight at a
+    time: this rank's experts under expert parallelism, gathered whole under ZeRO-3."""
+    pristine = getattr(model, PRISTINE, None) or {}
+    for key, w in lora_base_weights(model).items():
+        if key in pristine:
+            yield key, pristine[key].detach().float().cpu().clone()
+            continue
+        with gathered([w]):
+            yield key, w.detach().float().cpu().clone()
+
+
+def base_weight_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Pair key -> the adapted base weight's whole shape (ZeRO-3 keeps it as `ds_shape`)."""
+    return {k: tuple(getattr(w, "ds_shape", w.shape)) for k, w in lora_base_weights(model).items()}

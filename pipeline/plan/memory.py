@@ -7,6 +7,9 @@ activation term counts the tensors autograd saves per token (`activation_bytes_p
 it scales with top-k. A tier fits when its estimate is at most `HEADROOM` of
 `tiers[].gpu_memory_gb`. The terms, their derivation and their calibration against measured
 peaks: docs/memory-model.md.
+A merge-into-backbone method (flora, fedex-lora, frlora, fedsmoothlora) adds the `method` term:
+the pristine copy of the adapted base weights and, for fedsmoothlora with `ga` on, their fp32
+calibration gradient; FedSmoothLoRA's per-client state is on disk (`client_state_bytes`).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pipeline.errors import UserError
 
 GIB = 2**30
 HEADROOM = 0.9  # share of a GPU's memory the estimate may use
+MERGING_METHODS = ("flora", "fedex-lora", "frlora", "fedsmoothlora")  # keep a pristine base copy
 OLMOE_1B_7B_IDS = ("allenai/OLMoE-1B-7B-0924",)  # hub ids whose config is OLMOE_1B_7B (no network)
 
 
@@ -119,10 +123,11 @@ class TierMemory:
     activations: float
     activations_checkpointed: float
     gpu_memory_gb: float
+    method: float = 0.0  # a merging method's pristine base copy and calibration gradient
 
     @property
     def states(self) -> float:
-        return self.frozen + self.adapters + self.optimizer + self.gradients
+        return self.frozen + self.adapters + self.optimizer + self.gradients + self.method
 
     @property
     def total(self) -> float:
@@ -181,13 +186,45 @@ def tier_memory(shape: ModelShape, cfg: Config, index: int, top_k: int, ranks: i
     optimizer = 8 * per_rank(local_adapt, p_adapt, z >= 1)
     gradients = 4 * per_rank(local_adapt, p_adapt, z >= 2) + (elem * local_adapt if bf16 and z < 2 else 0.0)
 
+    method = method_bytes(shape, cfg, ep, elem)
+
     tokens = math.ceil(cfg.train.batch_size / n) * cfg.train.max_length
     per = activation_bytes_per_token(shape, top_k, lora.rank, elem, lora.experts, lora.attention)
     full = shape.layers * (per["layer"] + per["experts"]) + per["once"]
     checkpointed = shape.layers * elem * shape.hidden + max(per["once"], 2 * (per["layer"] + per["experts"]))
     tier = cfg.tiers[index]
     return TierMemory(index, tier.name, top_k, n, z, tokens, frozen, adapters, optimizer, gradients,
-                      tokens * full, tokens * checkpointed, tier.gpu_memory_gb)
+                      tokens * full, tokens * checkpointed, tier.gpu_memory_gb, method)
+
+
+def adapted_base_params(shape: ModelShape, cfg: Config, ep: int = 1) -> float:
+    """Base weights that carry a LoRA on one rank: attention projections, 1/ep of the experts."""
+    H, I, E = shape.hidden, shape.intermediate, shape.experts
+    lora = cfg.model.lora
+    attention = 2 * H * shape.q_out + 2 * H * shape.kv_out if lora.attention else 0
+    experts = E * 3 * H * I / ep if lora.experts else 0
+    return shape.layers * (attention + experts)
+
+
+def method_bytes(shape: ModelShape, cfg: Config, ep: int, elem: int) -> float:
+    """A merging method's pristine base copy (device, ZeRO < 3) and fedsmoothlora's fp32
+    calibration gradient, per rank."""
+    name = cfg.algorithm.name
+    if name not in MERGING_METHODS:
+        return 0.0
+    base = adapted_base_params(shape, cfg, ep)
+    out = elem * base if cfg.deepspeed.zero_stage < 3 else 0.0
+    if name == "fedsmoothlora" and cfg.algorithm.options.get("ga", True):
+        out += 4 * base
+    return out
+
+
+def client_state_bytes(shape: ModelShape, cfg: Config) -> float:
+    """fedsmoothlora's per-client state on disk: one fp32 rank-r adapter per virtual client."""
+    if cfg.algorithm.name != "fedsmoothlora":
+        return 0.0
+    lora = cfg.model.lora
+    return 4 * shape.adapter_params(lora.rank, lora.experts, lora.attention) * cfg.federation.clients
 
 
 def training_top_k(cfg: Config, shape: ModelShape, tiers: list[Tier]) -> list[int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pipeline.config import Config
 from pipeline.errors import UserError
 from pipeline.federation.topology import Layout
-from pipeline.plan.memory import GIB, TierMemory, check_fits, model_shape, plan_memory
+from pipeline.plan.memory import GIB, TierMemory, check_fits, client_state_bytes, model_shape, plan_memory
 
 
 def layout_rows(layout: Layout, cfg: Config) -> list[dict]:
@@ -52,14 +52,15 @@ def memory_table(rows: list[TierMemory], cfg: Config):
     table = Table(title=f"estimated peak GiB per GPU: {cfg.model.source}, {cfg.train.precision}, ZeRO "
                         f"{cfg.deepspeed.zero_stage}, batch {cfg.train.batch_size} x {cfg.train.max_length}",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    for column in ("tier", "k", "ranks", "tokens", "frozen", "adapter+opt", "activ.", "total", "w/ ckpt",
-                   "GPU", "fits"):
+    method = any(r.method for r in rows)
+    for column in ("tier", "k", "ranks", "tokens", "frozen", "adapter+opt", *(["method"] if method else []),
+                   "activ.", "total", "w/ ckpt", "GPU", "fits"):
         table.add_column(column, justify="left" if column == "tier" else "right")
     for r in rows:
+        values = (r.frozen, r.adapters + r.optimizer + r.gradients, *([r.method] if method else []),
+                  r.activations, r.total, r.total_checkpointed)
         table.add_row(r.tier, str(r.top_k), str(r.ranks), str(r.tokens_per_gpu),
-                      *(f"{v / GIB:.2f}" for v in (r.frozen, r.adapters + r.optimizer + r.gradients,
-                                                   r.activations, r.total, r.total_checkpointed)),
-                      f"{r.gpu_memory_gb:g}", "yes" if r.fits else "NO")
+                      *(f"{v / GIB:.2f}" for v in values), f"{r.gpu_memory_gb:g}", "yes" if r.fits else "NO")
     return table
 
 
@@ -73,5 +74,13 @@ def memory_report(cfg: Config, world_size: int, console) -> list[TierMemory]:
         return []
     rows = plan_memory(cfg, world_size, shape)
     console.print(memory_table(rows, cfg))
+    if any(r.method for r in rows):
+        console.print("method: the pristine copy of the adapted base weights (ZeRO < 3)"
+                      + (" and the fp32 calibration gradient of the same weights"
+                         if cfg.algorithm.name == "fedsmoothlora" and cfg.algorithm.options.get("ga", True) else ""))
+    state = client_state_bytes(shape, cfg)
+    if state:
+        console.print(f"per-client state: {state / GIB:.2f} GiB on disk under RUN/client_state "
+                      f"({cfg.federation.clients} clients, one fp32 adapter each; none held in memory)")
     check_fits(rows)
     return rows

@@ -1,0 +1,36 @@
+"""Per-step training losses across rounds: the curve means, the round-start jumps, the report."""
+import json
+
+import pytest
+
+from pipeline.eval.report import write_report
+from pipeline.eval.summary import load_summary
+from pipeline.eval.step_loss import ALL, jump_summary, mean_curves, round_start_jumps, step_losses
+
+EVENTS = [
+    {"event": "client", "round": 1, "client": 0, "tier": "low", "losses": [3.0, 2.0, 1.0]},
+    {"event": "client", "round": 1, "client": 1, "tier": "high", "losses": [3.0, 2.5, 2.0]},
+    {"event": "client", "round": 2, "client": 0, "tier": "low", "losses": [2.0, 1.5, 0.5]},
+    {"event": "client", "round": 2, "client": 2, "tier": "high", "losses": [1.5, 1.0, 1.0]},
+    {"event": "client", "round": 3, "client": 1, "tier": "high", "losses": [1.0, 0.5, 0.25]},
+    {"event": "client", "round": 3, "client": 3, "tier": "high", "train_loss": 9.0},  # no per-step losses
+]
+
+
+def test_jumps_are_first_step_of_a_round_minus_last_of_the_previous():
+    data = step_losses(EVENTS)
+    assert mean_curves(data[ALL])[1].tolist() == [3.0, 2.25, 1.5]
+    assert round_start_jumps(data[ALL]) == {2: pytest.approx(1.75 - 1.5), 3: pytest.approx(1.0 - 0.75)}
+    assert round_start_jumps(data["low"]) == {2: pytest.approx(2.0 - 1.0)}  # round 3 has no low client
+    jumps = jump_summary(EVENTS)
+    assert jumps["high"] == pytest.approx(((1.5 - 2.0) + (1.0 - 1.0)) / 2)
+    assert jump_summary(EVENTS[:1]) == {"low": None, ALL: None}
+
+
+def test_report_plots_the_steps_and_states_the_jump(tmp_path):
+    events = [{"train_loss": 1.0, **e, "time": 1.0} for e in EVENTS]  # as the round loop logs them
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    write_report(tmp_path)
+    assert (tmp_path / "plots" / "step_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert load_summary(tmp_path)["loss_jump"][ALL] == pytest.approx(0.25)  # both rounds jump by 0.25
+    assert "jump at round starts" in (tmp_path / "report.md").read_text()
