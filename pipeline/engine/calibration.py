@@ -133,9 +133,9 @@ def _reduce(engine, sums: dict[str, Tensor]) -> None:
     """Sum the ranks' shares: dense keys over the group, expert keys over the ranks holding the
     same experts (every rank holds every key, in the same order)."""
     expert_group = None
-    if engine.ep_size > 1:
+    if engine.dims.ep > 1:
         from deepspeed.utils import groups
-        expert_group = groups._get_expert_data_parallel_group(f"ep_size_{engine.ep_size}")
+        expert_group = groups._get_expert_data_parallel_group(f"ep_size_{engine.dims.ep}")
     for key in sorted(sums):  # the same order on every rank
         group = expert_group if key.rsplit(".", 1)[-1] != "lora" else None
         if group is not None and dist.get_world_size(group) == 1:
