@@ -1,4 +1,4 @@
-"""Multiple-choice scoring by option log-likelihood (`eval.mode: choice`), and the mode switch.
+"""Multiple-choice scoring by option log-likelihood (`eval.mode: choice`; the switch is modes.py).
 
 The score of option i is the sum of the log-probabilities of its tokens after the prompt;
 the prediction is the best-scoring option. This needs no generation and no answer parsing,
@@ -16,7 +16,7 @@ import torch
 from ..data.batching import encode_choice, pad_sequences
 from ..data.tasks import Example
 
-__all__ = ["evaluate_choices", "evaluate_examples", "option_scores", "MAX_LENGTH"]
+__all__ = ["evaluate_choices", "option_scores", "model_device", "MAX_LENGTH"]
 
 MAX_LENGTH = 512  # tokens of prompt and option an evaluation keeps (a run uses the default)
 
@@ -110,17 +110,3 @@ def evaluate_choices(model, tokenizer, examples: Sequence[Example], batch_size: 
         "per_family": {fam: h[0] / h[1] for fam, h in sorted(hits.items())},
         "n": len(examples),
     }
-
-
-def evaluate_examples(model, tokenizer, examples: Sequence[Example], mode: str = "choice", batch_size: int = 64,
-                      max_new_tokens: int = 8) -> dict:
-    """`evaluate_choices` (mode "choice") or generate-and-extract (mode "generate", see
-    `pipeline.eval.generate`). Both return accuracy, loss (None when generating), per_family,
-    n and format_failures (always 0 when scoring choices: the prediction is an option)."""
-    if mode == "choice":
-        return {**evaluate_choices(model, tokenizer, examples, batch_size=batch_size), "format_failures": 0.0}
-    if mode == "generate":
-        from .generate import evaluate_generate
-
-        return evaluate_generate(model, tokenizer, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    raise ValueError(f"unknown evaluation mode {mode!r} (choice or generate)")

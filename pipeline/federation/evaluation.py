@@ -17,7 +17,7 @@ from pipeline.algorithms import Strategy
 from pipeline.config import EVAL_MODES, Config, EvalConfig, Tier
 from pipeline.errors import UserError
 from pipeline.eval.metrics import eval_tables
-from pipeline.eval.scoring import evaluate_examples
+from pipeline.eval.modes import evaluate_examples
 from pipeline.federation import restore, rundir
 from pipeline.federation.assembly import Federation, evaluates, setup
 from pipeline.federation.inputs import FederatedData, resolve_source

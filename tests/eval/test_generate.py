@@ -7,7 +7,8 @@ from pipeline.config import config_from_dict
 from pipeline.data import Example, build_word_tokenizer
 from pipeline.errors import ConfigError
 from pipeline.eval.generate import evaluate_generate, greedy_generate
-from pipeline.eval.scoring import evaluate_choices, evaluate_examples, option_scores
+from pipeline.eval.modes import evaluate_examples
+from pipeline.eval.scoring import evaluate_choices, option_scores
 from pipeline.model import build_model, patch_olmoe, set_top_k
 from tests.model.conftest import one_thread  # noqa: F401 - the same autouse fixture as tests/model
 
