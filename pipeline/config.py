@@ -57,6 +57,7 @@ class FederationConfig:
     min_clients: int = 1  # a round with fewer accepted updates fails
     master_port: int | None = None  # under MPI: group i's torch.distributed port is this + i (None: a free port)
     collective_timeout: float = 1800.0  # seconds a cross-group collective may wait before aborting the job; 0: never
+    placement: str = "tier"  # tier | balanced: which client group trains which client (docs/placement.md)
 
 
 @dataclass
@@ -313,6 +314,8 @@ def validate(cfg: Config) -> None:
     _check(fed.master_port is None or 1024 <= fed.master_port <= 65000, "federation.master_port",
            f"must be in [1024, 65000], got {fed.master_port}")
     _check(fed.collective_timeout >= 0, "federation.collective_timeout", "must be >= 0 (0: no limit)")
+    _check(fed.placement in ("tier", "balanced"), "federation.placement",
+           f"must be tier or balanced, got {fed.placement!r}")
     tr = cfg.train
     _check(tr.local_steps >= 1, "train.local_steps", f"must be >= 1, got {tr.local_steps}")
     _check(tr.batch_size >= 1, "train.batch_size", f"must be >= 1, got {tr.batch_size}")

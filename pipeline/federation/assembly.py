@@ -15,6 +15,7 @@ from pipeline.engine.determinism import use_deterministic_kernels
 from pipeline.eval.metrics import MetricsLogger
 from pipeline.federation.distributed import GroupMetrics
 from pipeline.federation.expert_shards import ExpertShards
+from pipeline.federation.placement import Placement
 from pipeline.federation.inputs import FederatedData, load_federated_data, load_patched_model
 from pipeline.federation.sampling import ADAPTER_INIT, assign_tiers, derive_seed
 from pipeline.federation.topology import Topology, current_topology
@@ -40,6 +41,7 @@ class Federation:
     topology: Topology | None = None  # this rank's client group under MPI (None: one process)
     shards: ExpertShards | None = None  # this rank's experts, when the method aggregates by shard
     sums_layout: list = field(default_factory=list)  # the last round's agreed PackedSums layout
+    placement: Placement | None = None  # which group trains which client, and its cost model
 
     @property
     def writes(self) -> bool:  # only world rank 0 writes metrics, checkpoints and outputs
@@ -89,8 +91,10 @@ def build(cfg: Config, run_dir: Path, resume_offset: int | None, parts=None) -> 
                if topology.writes else None)
     if topology.distributed:
         metrics = GroupMetrics(metrics)
-    return Federation(cfg, run_dir, tiers, assign_tiers(cfg.federation.clients, tiers, cfg.seed),
-                      data, tokenizer, engine, strategy, metrics, topology=topology, shards=shards)
+    client_tiers = assign_tiers(cfg.federation.clients, tiers, cfg.seed)
+    placement = Placement.for_run(cfg, topology.layout, model.config.to_dict(), tiers, client_tiers)
+    return Federation(cfg, run_dir, tiers, client_tiers, data, tokenizer, engine, strategy, metrics,
+                      topology=topology, shards=shards, placement=placement)
 
 
 def run_storage(run_dir: Path, topology: Topology, shards: ExpertShards | None) -> RunStorage:

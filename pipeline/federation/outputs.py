@@ -32,7 +32,8 @@ def save_round(fed: Federation, round_: int, offset: int | None = None) -> None:
     fed.strategy.stage_files(staging)  # the method's own files (per-client state)
     checkpoint.save_checkpoint(fed.run_dir, round_, tensors,
                                {"strategy": state, "metrics_offset": offset,
-                                "algorithm": fed.cfg.algorithm.name},
+                                "algorithm": fed.cfg.algorithm.name,
+                                **({"placement": fed.placement.state_dict()} if fed.placement else {})},
                                keep=fed.cfg.checkpoint.keep, staged=True)
 
 

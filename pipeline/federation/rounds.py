@@ -19,7 +19,7 @@ from pipeline.data.truncate import CHARS_PER_TOKEN
 from pipeline.errors import RetryableError
 from pipeline.eval.balance import balance_stats
 from pipeline.eval.divergence import Diverged, Guard
-from pipeline.federation import assembly, evaluation, signals
+from pipeline.federation import assembly, evaluation, placement, signals
 from pipeline.federation.assembly import Federation
 from pipeline.federation.callbacks import Callback, ProgressDisplay, Report, Teardown, console
 from pipeline.federation.collectives import PackedSums
@@ -87,8 +87,7 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
     load: dict[str, torch.Tensor] = {}
     accepted, updates = [], []
     plan_shapes = strategy.global_adapters  # updates must match the global adapters' keys and shapes
-    mine = clients if fed.topology is None else fed.topology.my_clients(
-        clients, [t.name for t in fed.client_tiers])  # under MPI: this group's share
+    mine = placement.my_clients(fed, clients)  # under MPI: this group's share (federation.placement)
     offset = fed.metrics.offset()  # the record of the completed rounds, should this one be abandoned
     for client in mine:
         if signals.requested():  # SIGUSR1/SIGTERM: the clients not started yet wait for the resumed run
@@ -123,9 +122,11 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
                           f"federation.min_clients={cfg.federation.min_clients}")
     own = strategy.finalize(sums)  # the method's metrics of the new state
     fed.tier_stats = tier_training_stats(fed, updates, load)
-    fed.metrics.log("round", round=round_, seconds=time.perf_counter() - start, clients=accepted,
+    seconds = time.perf_counter() - start
+    placed = placement.observe(fed, updates, seconds)  # measured busy time per group; the cost model learns
+    fed.metrics.log("round", round=round_, seconds=seconds, clients=accepted,
                     expert_load={t: v.tolist() for t, v in load.items()}, tiers=fed.tier_stats,
-                    **({"strategy": own} if own else {}))
+                    **({"strategy": own} if own else {}), **({"placement": placed} if placed else {}))
     return load
 
 
@@ -180,6 +181,8 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
         tensors, meta = checkpoint.load_checkpoint(state, fed.shards.range if fed.shards else None)
         fed.strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
         fed.strategy.restore_files(state)
+        if fed.placement is not None:  # the cost model as the checkpointed round left it
+            fed.placement.load_state_dict(meta.get("placement"))
     # The bits are reproducible for a given thread count and library versions: record both.
     fed.metrics.log("run", status="resumed" if state else "started", round=start_round,
                     threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled(),

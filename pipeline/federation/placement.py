@@ -1,0 +1,267 @@
+"""Which client group trains which sampled client each round (`federation.placement`).
+
+`tier`: a tier's clients go round-robin to that tier's groups (Layout.assign), as when tiers
+mean hardware. `balanced`: each round's clients go to the groups so that the round's makespan
+(its busiest group's time) is smallest, by a cost model. A client's result does not depend on
+where it trains: its tier fixes its top-k, rank, data and seeds, and a group applies them
+whatever its own tier; only the data-parallel layout of the group reassociates float sums
+(docs/placement.md). So placement is a pure performance decision.
+
+Cost model. A client's work is `local_steps * batch_size * max_length` tokens times the training
+FLOPs per token at its tier's top-k and LoRA rank (model/flops.py). A group's seconds per FLOP
+are planned as 1 / (its GPUs * NOMINAL_TFLOPS) and corrected after every round by the group's
+measured busy seconds over its planned ones (smoothed); a group not yet measured takes the mean
+correction of those that were. Placement reads only this state, which every rank computes alike
+from the round's gathered client seconds and which the checkpoint holds, so resume places as the
+uninterrupted run did at that round; wall-clock time within a round never changes a placement.
+
+A client lands only on a group whose GPUs fit its tier's memory plan (plan/memory.py at the
+client's top-k, the group's ranks, ep and `gpu_memory_gb`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from pipeline.config import Config, Tier
+from pipeline.federation.topology import Layout
+
+PLACEMENTS = ("tier", "balanced")
+# Planned throughput of one GPU before any round is measured: the achieved bf16 rate of one
+# H200 on an OLMoE-1B-7B step at top-k 8, batch 16 x 1024 (bench/results-h200-olmoe_scale.txt:
+# 16384 tokens * 4.97 GFLOP / 0.489 s). Only predicted seconds depend on it, never utilisation
+# or a placement's ratios; the first measured round replaces it.
+NOMINAL_TFLOPS = 166.0
+SMOOTHING = 0.5  # weight of the newest round in a group's learned correction
+
+
+# ---------------------------------------------------------------------------------------------
+# The scheduler: pure functions on costs
+
+
+def lpt(costs: Sequence[float], seconds_per_cost: Sequence[float],
+        allowed: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """Longest processing time first on groups of different speeds: jobs by decreasing cost
+    (ties: lower index first), each to the allowed group where it would finish first (ties:
+    lower group). Returns each job's group. Within 2m/(m+1) of the optimal makespan without
+    restrictions (Gonzalez, Ibarra, Sahni 1977), 4/3 - 1/(3m) on equal groups (Graham 1969)."""
+    m = len(seconds_per_cost)
+    load = [0.0] * m
+    out = [-1] * len(costs)
+    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        groups = allowed[job] if allowed is not None else range(m)
+        best = min(groups, key=lambda g: (load[g] + costs[job] * seconds_per_cost[g], g))
+        load[best] += costs[job] * seconds_per_cost[best]
+        out[job] = best
+    return out
+
+
+def busy_seconds(groups_of: Sequence[int], costs: Sequence[float], seconds_per_cost: Sequence[float]) -> list[float]:
+    """Each group's predicted busy seconds when job j runs on group groups_of[j]."""
+    busy = [0.0] * len(seconds_per_cost)
+    for job, g in enumerate(groups_of):
+        busy[g] += costs[job] * seconds_per_cost[g]
+    return busy
+
+
+def utilisation(busy: Sequence[float], gpus: Sequence[int], wall: float | None = None) -> float | None:
+    """Busy GPU-seconds over GPUs x the round's wall time (default: its busiest group's time)."""
+    wall = max(busy, default=0.0) if wall is None else wall
+    if wall <= 0:
+        return None
+    return sum(b * n for b, n in zip(busy, gpus)) / (sum(gpus) * wall)
+
+
+# ---------------------------------------------------------------------------------------------
+# Costs and memory fits from the config and the model's shape
+
+
+def tier_settings(cfg: Config, shape, tiers: list[Tier]) -> list[tuple[int, int]]:
+    """(top-k, LoRA rank) each tier's clients train at, as the method plans them (the sparse
+    methods train every tier at the full rank, the low-rank ones at full top-k)."""
+    from pipeline.algorithms import ModelInfo, build_strategy
+
+    info = ModelInfo(shape.layers, shape.experts, shape.k_max, cfg.model.lora.rank, cfg.model.lora.alpha)
+    strategy = build_strategy(cfg.algorithm.name, cfg.algorithm.options, info, tiers)
+    try:
+        strategy.init_state({})  # plans carry the adapters; top-k and rank do not depend on them
+        plans = [strategy.plan(0, 1, tier) for tier in tiers]
+        return [(p.top_k, p.lora_rank) for p in plans]
+    except (KeyError, ValueError, RuntimeError, IndexError, AttributeError):
+        return [(shape.k_max, cfg.model.lora.rank) for _ in tiers]
+
+
+def tier_costs(cfg: Config, shape, settings: list[tuple[int, int]]) -> list[float]:
+    """Training FLOPs of one client's local work, per tier."""
+    from pipeline.model.flops import flops_per_token
+
+    config = {"hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
+              "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
+              "num_key_value_heads": shape.kv_heads, "head_dim": shape.head_dim,
+              "num_experts": shape.experts, "num_experts_per_tok": shape.k_max, "vocab_size": shape.vocab}
+    tr, lora = cfg.train, cfg.model.lora
+    tokens = tr.local_steps * tr.batch_size * tr.max_length
+    return [tokens * flops_per_token(config, top_k=k, lora_rank=r, seq_len=tr.max_length,
+                                     expert_lora=lora.experts, attention_lora=lora.attention)["train"]
+            for k, r in settings]
+
+
+def fit_matrix(cfg: Config, shape, layout: Layout, top_ks: Sequence[int]) -> list[list[bool]]:
+    """[tier][group]: whether a client of the tier fits the group's GPUs (its memory plan at the
+    tier's top-k, in the group's ranks, ep and gpu_memory_gb). The one-process group fits all."""
+    from pipeline.plan.memory import tier_memory
+
+    index = {t.name: i for i, t in enumerate(cfg.tiers)}
+    out = []
+    for k in top_ks:
+        out.append([g.tier is None or tier_memory(shape, cfg, index[g.tier], k, g.size).fits
+                    for g in layout.groups])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The learned cost model
+
+
+class CostModel:
+    """Seconds per FLOP of each group: planned from its GPUs, corrected by measured rounds."""
+
+    def __init__(self, layout: Layout, nominal_tflops: float = NOMINAL_TFLOPS):
+        self.signature = [[g.size, g.ep, g.tier] for g in layout.groups]
+        self.planned = [1.0 / (g.size * nominal_tflops * 1e12) for g in layout.groups]
+        self.factors: list[float | None] = [None] * len(layout.groups)
+
+    def seconds_per_cost(self) -> list[float]:
+        known = [f for f in self.factors if f is not None]
+        default = sum(known) / len(known) if known else 1.0
+        return [p * (f if f is not None else default) for p, f in zip(self.planned, self.factors)]
+
+    def observe(self, busy: Sequence[float], cost: Sequence[float]) -> None:
+        """A round's measured busy seconds and assigned FLOPs per group (groups without work
+        keep their state)."""
+        for g, (seconds, flops) in enumerate(zip(busy, cost)):
+            if flops <= 0 or seconds <= 0:
+                continue
+            seen = seconds / (flops * self.planned[g])
+            old = self.factors[g]
+            self.factors[g] = seen if old is None else (1 - SMOOTHING) * old + SMOOTHING * seen
+
+    def state_dict(self) -> dict:
+        return {"groups": self.signature, "factors": list(self.factors)}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """The checkpoint's corrections; a checkpoint of another layout (resumed on other ranks)
+        or none starts from the plan."""
+        if state and state.get("groups") == self.signature:
+            self.factors = [None if f is None else float(f) for f in state["factors"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's placement
+
+
+@dataclass
+class Round:
+    """The current round's placement: clients per group and their predicted busy seconds."""
+
+    groups: list[list[int]]
+    predicted: list[float]
+
+
+class Placement:
+    """Places each round's clients (identically on every rank) and learns from measured rounds."""
+
+    def __init__(self, mode: str, layout: Layout, tier_names: Sequence[str], client_tiers: Sequence[int],
+                 costs: Sequence[float], fits: Sequence[Sequence[bool]], nominal_tflops: float = NOMINAL_TFLOPS):
+        self.mode, self.layout = mode, layout
+        self.tier_names = list(tier_names)  # per tier index
+        self.client_tiers = list(client_tiers)  # tier index per client
+        self.costs = list(costs)  # per tier
+        self.fits = [list(row) for row in fits]  # [tier][group]
+        self.model = CostModel(layout, nominal_tflops)
+        self.gpus = [g.size for g in layout.groups]
+        self.current: Round | None = None
+        self.last_utilisation: float | None = None
+
+    @classmethod
+    def for_run(cls, cfg: Config, layout: Layout, model_config: dict, tiers: list[Tier],
+                client_tiers: Sequence[Tier]) -> "Placement":
+        from pipeline.plan.memory import ModelShape
+
+        shape = ModelShape.from_config(model_config)
+        settings = tier_settings(cfg, shape, tiers)
+        return cls(cfg.federation.placement, layout, [t.name for t in tiers], [t.index for t in client_tiers],
+                   tier_costs(cfg, shape, settings), fit_matrix(cfg, shape, layout, [k for k, _ in settings]))
+
+    def allowed(self, tier: int) -> list[int]:
+        """Groups a client of `tier` may train on: those its memory plan fits; if none does, its
+        own tier's groups (where `tier` placement puts it), else every group."""
+        groups = range(len(self.layout.groups))
+        fits = [g for g in groups if self.fits[tier][g]]
+        if fits:
+            return fits
+        name = self.tier_names[tier]
+        return [g for g in groups if self.layout.groups[g].tier == name] or list(groups)
+
+    def assign(self, clients: Sequence[int]) -> list[list[int]]:
+        """Per group, the clients it trains this round (each exactly once, sorted)."""
+        clients = list(clients)
+        spc = self.model.seconds_per_cost()
+        costs = [self.costs[self.client_tiers[c]] for c in clients]
+        names = [self.tier_names[t] for t in self.client_tiers]
+        group_of = {c: g for g, members in enumerate(self.layout.assign(clients, names)) for c in members}
+        tier_of = [group_of[c] for c in clients]
+        chosen = tier_of
+        if self.mode == "balanced" and len(self.layout.groups) > 1:
+            allowed = [self.allowed(self.client_tiers[c]) for c in clients]
+            balanced = lpt(costs, spc, allowed)
+            # LPT is a heuristic: keep the tier placement when it is predicted no slower.
+            if max(busy_seconds(balanced, costs, spc)) < max(busy_seconds(tier_of, costs, spc)):
+                chosen = balanced
+        groups: list[list[int]] = [[] for _ in self.layout.groups]
+        for c, g in zip(clients, chosen):
+            groups[g].append(c)
+        self.current = Round([sorted(g) for g in groups], busy_seconds(chosen, costs, spc))
+        return self.current.groups
+
+    def observe(self, seconds: dict[int, float], wall: float) -> dict:
+        """After the round: each accepted client's measured training seconds (identical on every
+        rank, gathered with the round) update the model; returns the round event's `placement`."""
+        current = self.current
+        busy = [sum(seconds.get(c, 0.0) for c in members) for members in current.groups]
+        cost = [sum(self.costs[self.client_tiers[c]] for c in members if c in seconds)
+                for members in current.groups]
+        self.model.observe(busy, cost)
+        self.last_utilisation = utilisation(busy, self.gpus, wall)
+        return {"mode": self.mode, "groups": current.groups, "gpus": self.gpus,
+                "busy_seconds": busy, "predicted_seconds": current.predicted,
+                "utilisation": self.last_utilisation,
+                "predicted_utilisation": utilisation(current.predicted, self.gpus)}
+
+    def state_dict(self) -> dict:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.model.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's two calls (rounds.run_round), and the checkpoint's
+
+
+def my_clients(fed, clients: Sequence[int]) -> list[int]:
+    """This group's share of the round's clients (all of them in one process)."""
+    placement = getattr(fed, "placement", None)
+    if placement is None:
+        names = [t.name for t in fed.client_tiers]
+        return list(clients) if fed.topology is None else fed.topology.my_clients(clients, names)
+    groups = placement.assign(clients)
+    return list(clients) if fed.topology is None else groups[fed.topology.group.index]
+
+
+def observe(fed, updates, wall: float) -> dict | None:
+    """The round event's `placement` field from the world's accepted updates; learns."""
+    placement = getattr(fed, "placement", None)
+    if placement is None or placement.current is None:
+        return None
+    return placement.observe({u.client_id: float(u.metrics["seconds"]) for u in updates}, wall)
