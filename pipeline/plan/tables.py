@@ -18,8 +18,9 @@ def layout_rows(layout: Layout, cfg: Config) -> list[dict]:
     return rows
 
 
-def layout_tables(cfg: Config, layout: Layout, rounds: int = 3) -> list:
-    """The groups, and which clients each serves in the first rounds (the same draw the run makes)."""
+def layout_tables(cfg: Config, layout: Layout, rounds: int = 3, placed: dict | None = None) -> list:
+    """The groups, and which clients each serves in the first rounds (the same draw the run makes;
+    `placed`: round -> clients per group under federation.placement, else the tier placement)."""
     from rich.table import Table
 
     from pipeline.federation.sampling import assign_tiers, sample_clients
@@ -31,13 +32,13 @@ def layout_tables(cfg: Config, layout: Layout, rounds: int = 3) -> list:
         groups.add_row(str(row["group"]), row["tier"], row["ranks"], str(row["size"]), row["port"])
     fed = cfg.federation
     client_tiers = [t.name for t in assign_tiers(fed.clients, cfg.tiers, cfg.seed)]
-    served = Table(title="clients per group (client:tier)")
+    served = Table(title=f"clients per group (client:tier), {cfg.federation.placement if placed else 'tier'} placement")
     served.add_column("round")
     for g in layout.groups:
         served.add_column(f"group {g.index}")
     for round_ in range(1, min(rounds, fed.rounds) + 1):
         clients = sample_clients(fed.clients, fed.clients_per_round, cfg.seed, round_)
-        per_group = layout.assign(clients, client_tiers)
+        per_group = placed[round_] if placed else layout.assign(clients, client_tiers)
         served.add_row(str(round_), *(" ".join(f"{c}:{client_tiers[c]}" for c in cs) or "-"
                                       for cs in per_group))
     return [groups, served]
