@@ -1,0 +1,119 @@
+"""`federation.placement: balanced` ends where `tier` ends (docs/placement.md).
+
+Two-round runs of tiny_run.yaml with 3 clients a round (4 on groups of one rank). Round 1 is placed from the planned cost
+model (nothing measured yet), so it is known in advance: balanced moves a low-tier client onto
+the high tier's larger group, where tier placement keeps it on the low tier's 1-rank group.
+Later rounds are placed by the learned model (wall-clock seconds), whatever it says: the result
+must not depend on it. Uneven groups (`-n 3`: 1 + 2 ranks; `-n 4`: 1 + 3 ranks) train a moved
+client data-parallel, so the bound is 1e-5 on the whole adapter set (as test_equivalence.py);
+groups of one rank each (`-n 2`) end bitwise where one process ends, killed and resumed included.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.federation.placement import utilisation
+from tests.conftest import relative_difference, set_args
+
+from .conftest import ENV, REPO, TINY, _mpiexec, fedmoe, mpiexec
+
+pytestmark = pytest.mark.slow
+
+BASE = ["federation.rounds=2", "federation.clients_per_round=3", "checkpoint.save_merged=false"]
+BALANCED = BASE + ["federation.placement=balanced"]
+ROUND1_TIER = [[2, 3], [0]]  # clients 0, 1 are tier high, 2, 3 low (seed 1)
+ROUND1_BALANCED = [[2], [0, 3]]
+# Groups of one rank each: every client a round (4), which tier placement splits 2 + 2 by tier.
+EVERY = ["federation.clients_per_round=4"]
+
+
+def _adapters(run):
+    return load_file(run / "final" / "adapter.safetensors")
+
+
+def _rounds(run):
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [e for e in events if e["event"] == "round"]
+
+
+def _run(n, out, overrides):
+    proc = mpiexec(n, "-m", "pipeline.cli", "run", "--config", TINY, "--out", out, *set_args(overrides),
+                   timeout=400)
+    assert proc.stdout.count("done: adapters in") == 1
+
+
+@pytest.mark.parametrize("n, high_ranks", [(3, 2), (4, 3)])
+def test_balanced_placement_ends_where_tier_placement_ends_on_uneven_groups(tmp_path, n, high_ranks):
+    layout = [f"tiers.1.ranks={high_ranks}"]
+    tier, balanced = tmp_path / "tier", tmp_path / "balanced"
+    _run(n, tier, BASE + layout)
+    _run(n, balanced, BALANCED + layout)
+    placed = [r["placement"] for r in _rounds(tier)], [r["placement"] for r in _rounds(balanced)]
+    assert placed[0][0]["groups"] == ROUND1_TIER and placed[1][0]["groups"] == ROUND1_BALANCED
+    assert placed[0][0]["mode"] == "tier" and placed[1][0]["mode"] == "balanced"
+    for p in placed[0] + placed[1]:  # measured busy time and utilisation, logged every round
+        assert p["gpus"] == [1, high_ranks] and len(p["busy_seconds"]) == 2
+        assert all(b > 0 for b, g in zip(p["busy_seconds"], p["groups"]) if g)
+        assert 0 < p["utilisation"] <= 1
+    got, want = _adapters(balanced), _adapters(tier)
+    assert relative_difference(got, want) <= 1e-5
+    assert any(not torch.equal(got[k], want[k]) for k in want)  # client 3 did train data-parallel
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    out = tmp_path_factory.mktemp("placement") / "one"
+    fedmoe("run", "--config", TINY, "--out", out, *set_args(BASE + EVERY))
+    return out
+
+
+def test_balanced_on_groups_of_one_rank_is_bitwise_the_single_process_run(single_process, tmp_path):
+    out = tmp_path / "balanced2"
+    _run(2, out, BALANCED + EVERY)
+    assert _rounds(out)[0]["placement"]["groups"] == [[0, 2], [1, 3]]  # tier placement: [[2, 3], [0, 1]]
+    want, got = _adapters(single_process), _adapters(out)
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_killed_balanced_run_resumes_bitwise_with_its_cost_model(single_process, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [_mpiexec(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "pipeline.cli", "run",
+           "--config", str(TINY), "--out", str(out), *set_args(BALANCED + EVERY)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if latest.exists() and latest.read_text().strip() >= "round-000001":
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank, during round 2
+    proc.wait()
+    assert not (out / "final").exists()
+    state = json.loads((out / "checkpoints" / "round-000001" / "state.json").read_text())["placement"]
+    assert state["groups"] == [[1, 1, "low"], [1, 1, "high"]] and all(f > 0 for f in state["factors"])
+    mpiexec(2, "-m", "pipeline.cli", "resume", out, timeout=400)
+    want, got = _adapters(single_process), _adapters(out)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    rounds = _rounds(out)
+    assert [r["round"] for r in rounds] == [1, 2]
+    # Round 2 was placed from the checkpoint's cost model: its predictions are that model's.
+    from pipeline.config import load_config
+    from pipeline.federation.topology import plan_layout
+    from pipeline.plan.memory import model_shape
+    from pipeline.plan.utilisation import planned_placement
+
+    cfg = load_config(TINY, BALANCED + EVERY)
+    placement = planned_placement(cfg, plan_layout(cfg, 2), model_shape(cfg.model.source), "balanced")
+    placement.load_state_dict(state)
+    second = rounds[1]["placement"]
+    assert placement.assign(rounds[1]["clients"]) == second["groups"]
+    assert placement.current.predicted == second["predicted_seconds"]
+    assert second["utilisation"] == pytest.approx(utilisation(second["busy_seconds"], [1, 1], rounds[1]["seconds"]))
