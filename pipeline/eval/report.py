@@ -7,6 +7,8 @@ three plots:
     plots/expert_load.png  per tier, layers x experts: routed tokens relative to a uniform router
     plots/train_loss.png   mean client training loss per tier vs round
     plots/step_loss.png    mean client training loss at every local step across rounds (step_loss.py)
+    plots/utilisation.png  GPU utilisation per round, measured and predicted, busy time per group
+                           (utilisation.py)
 
 Works on partial runs (only the base eval, a killed run): missing data gives a placeholder plot.
 """
@@ -22,9 +24,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.eval.balance import LOW_LOAD
-from pipeline.eval.metrics import is_number, percent
+from pipeline.eval.metrics import is_number, percent, read_metrics
 from pipeline.eval.step_loss import plot_step_loss
 from pipeline.eval.summary import RunData, collect, relative_load, summarise
+from pipeline.eval.utilisation import mean_utilisation, plot_utilisation
 
 __all__ = ["write_report"]
 
@@ -203,6 +206,8 @@ def _run_section(summary: dict) -> list[str]:
              f"- status: {summary['status']}, {summary['rounds']} training rounds",
              f"- training time (sum of round times): {duration(t['train_seconds'])}",
              f"- wall clock (first to last event): {duration(t['wall_seconds'])}"]
+    if summary.get("utilisation") is not None:
+        lines.append(f"- GPU utilisation (busy GPU-seconds / GPUs x round time): {summary['utilisation']:.0%}")
     if t["resumes"]:
         lines.append(f"- resumed {t['resumes']} time(s)")
     jumps = {k: v for k, v in summary.get("loss_jump", {}).items() if v is not None}
@@ -227,7 +232,8 @@ def render_markdown(summary: dict) -> str:
               "![accuracy per tier](plots/accuracy.png)", "",
               "![expert load per tier](plots/expert_load.png)", "",
               "![train loss per tier](plots/train_loss.png)", "",
-              "![train loss at every local step](plots/step_loss.png)", ""]
+              "![train loss at every local step](plots/step_loss.png)", "",
+              "![GPU utilisation per round](plots/utilisation.png)", ""]
     return "\n".join(lines)
 
 
@@ -242,6 +248,9 @@ def write_report(run_dir: Path) -> Path:
     plot_expert_load(data, summary, plots / "expert_load.png")
     plot_train_loss(data, plots / "train_loss.png")
     plot_step_loss(data.clients, data.tiers, _new_figure(8.0, 4.0), plots / "step_loss.png", _save)
+    events = read_metrics(run_dir)
+    plot_utilisation(events, _new_figure(6.4, 5.0), plots / "utilisation.png", _save)
+    summary["utilisation"] = mean_utilisation(events)
     report = run_dir / "report.md"
     tmp = run_dir / ".report.md.tmp"
     tmp.write_text(render_markdown(summary))

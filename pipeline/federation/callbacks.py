@@ -59,7 +59,9 @@ class ProgressDisplay(Callback):
 
     def on_round_end(self, fed, round_: int) -> None:
         if self.bar is not None:
-            self.bar.update(self.task, completed=round_)
+            used = fed.placement.last_utilisation if getattr(fed, "placement", None) else None
+            label = "rounds" if used is None else f"rounds (GPU util. {used:.0%})"  # the last round's
+            self.bar.update(self.task, completed=round_, description=label)
 
     def client(self, description: str, steps: int):
         """A bar for one client's local training: returns (on_step, done)."""

@@ -232,7 +232,9 @@ class Placement:
         cost = [sum(self.costs[self.client_tiers[c]] for c in members if c in seconds)
                 for members in current.groups]
         self.model.observe(busy, cost)
-        self.last_utilisation = utilisation(busy, self.gpus, wall)
+        # `wall` is world rank 0's round; the other groups may have started it while rank 0
+        # still evaluated the last one, so a group's busy time can exceed it.
+        self.last_utilisation = utilisation(busy, self.gpus, max(wall, *busy))
         return {"mode": self.mode, "groups": current.groups, "gpus": self.gpus,
                 "busy_seconds": busy, "predicted_seconds": current.predicted,
                 "utilisation": self.last_utilisation,

@@ -1,0 +1,88 @@
+"""Measured round wall time and GPU (here: rank) utilisation under `federation.placement` tier
+and balanced, as ratios measured in one invocation (docs/placement.md).
+
+Runs the tiny end-to-end config (tests/fixtures/tiny_run.yaml, shipped model) under
+`mpiexec -n 4` with client groups of different sizes (tier low: 1 rank, tier high: 3 ranks),
+alternating tier and balanced runs `--repeats` times so that drift of a shared machine hits both
+alike, and reads every `round` event of metrics.jsonl:
+
+- round wall: the round's seconds (sampling, every group's clients, the cross-group sum,
+  finalize; evaluation and checkpoints are outside it);
+- utilisation: busy rank-seconds (each group's clients' training seconds times its ranks) over
+  ranks x round wall, as logged in the event's `placement`.
+
+    python bench/placement.py [--rounds 4] [--local-steps 6] [--repeats 2] [--ranks 4] [--skip-first]
+
+`--skip-first` leaves round 1 (placed from the planned cost model) out of the means. Prints
+numbers, asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "fixtures" / "tiny_run.yaml"
+
+
+def launcher(ranks: int) -> list[str]:
+    beside = Path(sys.executable).parent / "mpiexec"
+    return [str(beside) if beside.exists() else "mpiexec", "-n", str(ranks), sys.executable, "-m", "mpi4py"]
+
+
+def run(out: Path, ranks: int, overrides: list[str]) -> list[dict]:
+    cmd = [*launcher(ranks), "-m", "pipeline.cli", "run", "--config", str(TINY), "--out", str(out), "--overwrite"]
+    for item in overrides:
+        cmd += ["--set", item]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [e for e in events if e["event"] == "round"]
+
+
+def summarise(rounds: list[dict]) -> tuple[float, float]:
+    """Mean round wall (s) and the wall-weighted mean utilisation."""
+    walls = [r["seconds"] for r in rounds]
+    busy = sum(r["placement"]["utilisation"] * r["seconds"] for r in rounds)
+    return statistics.mean(walls), busy / sum(walls)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--local-steps", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--ranks", type=int, default=4, help="world size: a 1-rank low group, the rest high")
+    parser.add_argument("--skip-first", action="store_true", help="leave round 1 out of the means")
+    args = parser.parse_args()
+    common = [f"federation.rounds={args.rounds}", "federation.clients=8", "federation.clients_per_round=4",
+              f"train.local_steps={args.local_steps}", "tiers.0.ranks=1", f"tiers.1.ranks={args.ranks - 1}",
+              "checkpoint.save_merged=false", f"eval.every={args.rounds}"]
+    results: dict[str, list[dict]] = {"tier": [], "balanced": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(args.repeats):
+            for mode in results:
+                rounds = run(Path(tmp) / f"{mode}-{repeat}", args.ranks, common + [f"federation.placement={mode}"])
+                results[mode] += rounds[1:] if args.skip_first else rounds
+    print(f"# python bench/placement.py --rounds {args.rounds} --local-steps {args.local_steps} "
+          f"--repeats {args.repeats} --ranks {args.ranks}{' --skip-first' if args.skip_first else ''}")
+    print(f"tiny OLMoE, mpiexec -n {args.ranks}: groups of 1 (low) and {args.ranks - 1} (high) ranks, "
+          f"4 of 8 clients a round, {args.local_steps} local steps of batch 8, {len(results['tier'])} rounds each")
+    print(f"{'placement':>10}  {'round wall s':>12}  {'utilisation':>11}  per-round groups (first run)")
+    stats = {}
+    for mode, rounds in results.items():
+        stats[mode] = summarise(rounds)
+        groups = " | ".join(str(r["placement"]["groups"]) for r in rounds[:args.rounds - args.skip_first])
+        print(f"{mode:>10}  {stats[mode][0]:12.2f}  {stats[mode][1]:11.1%}  {groups}")
+    (wt, ut), (wb, ub) = stats["tier"], stats["balanced"]
+    print(f"balanced / tier: round wall {wb / wt:.2f}x, utilisation {ub / ut:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
