@@ -12,9 +12,11 @@ alike, and reads every `round` event of metrics.jsonl:
   ranks x round wall, as logged in the event's `placement`.
 
     python bench/placement.py [--rounds 4] [--local-steps 6] [--repeats 2] [--ranks 4] [--skip-first]
+                              [--predicted-only]
 
-`--skip-first` leaves round 1 (placed from the planned cost model) out of the means. Prints
-numbers, asserts nothing.
+First it prints `fedmoe plan`'s prediction for the shipped OLMoE-1B-7B configs at 8 and 16
+ranks (seconds, no run). `--skip-first` leaves round 1 (placed from the planned cost model) out
+of the measured means. Prints numbers, asserts nothing.
 """
 from __future__ import annotations
 
@@ -53,6 +55,28 @@ def summarise(rounds: list[dict]) -> tuple[float, float]:
     return statistics.mean(walls), busy / sum(walls)
 
 
+def predicted(ranks: list[int]) -> None:
+    """`fedmoe plan`'s prediction for every shipped OLMoE-1B-7B config: mean GPU utilisation
+    over the run's sampled schedule under both placements, and the ratio of summed round walls."""
+    sys.path.insert(0, str(REPO))
+    from pipeline.config import load_config
+    from pipeline.federation.topology import plan_layout
+    from pipeline.plan.memory import model_shape
+    from pipeline.plan.utilisation import mean_utilisation, schedule
+
+    print("predicted (planned cost model), configs/olmoe-1b-7b/*.yaml, mean GPU utilisation over the run")
+    print(f"{'config':>15}  {'ranks':>5}  {'tier':>5}  {'balanced':>8}  {'wall balanced/tier':>18}")
+    for path in sorted((REPO / "configs" / "olmoe-1b-7b").glob("*.yaml")):
+        cfg = load_config(path)
+        shape = model_shape(cfg.model.source)
+        for n in ranks:
+            layout = plan_layout(cfg, n)
+            tier, balanced = (schedule(cfg, layout, shape, m) for m in ("tier", "balanced"))
+            walls = [sum(r.wall for r in s) for s in (tier, balanced)]
+            print(f"{path.stem:>15}  {n:5d}  {mean_utilisation(tier):5.0%}  {mean_utilisation(balanced):8.0%}  "
+                  f"{walls[1] / walls[0]:18.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=4)
@@ -60,7 +84,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--ranks", type=int, default=4, help="world size: a 1-rank low group, the rest high")
     parser.add_argument("--skip-first", action="store_true", help="leave round 1 out of the means")
+    parser.add_argument("--predicted-only", action="store_true", help="only the shipped configs' prediction")
     args = parser.parse_args()
+    predicted([8, 16])
+    if args.predicted_only:
+        return
     common = [f"federation.rounds={args.rounds}", "federation.clients=8", "federation.clients_per_round=4",
               f"train.local_steps={args.local_steps}", "tiers.0.ranks=1", f"tiers.1.ranks={args.ranks - 1}",
               "checkpoint.save_merged=false", f"eval.every={args.rounds}"]
