@@ -9,11 +9,11 @@ whatever its own tier; only the data-parallel layout of the group reassociates f
 
 Cost model. A client's work is `local_steps * batch_size * max_length` tokens times the training
 FLOPs per token at its tier's top-k and LoRA rank (model/flops.py). A group's seconds per FLOP
-are planned as 1 / (its GPUs * NOMINAL_TFLOPS) and corrected after every round by the group's
-measured busy seconds over its planned ones (smoothed); a group not yet measured takes the mean
-correction of those that were. Placement reads only this state, which every rank computes alike
-from the round's gathered client seconds and which the checkpoint holds, so resume places as the
-uninterrupted run did at that round; wall-clock time within a round never changes a placement.
+are planned as 1 / (its GPUs * NOMINAL_TFLOPS) and corrected after every round by the measured
+seconds of the clients it trained, per tier, smoothed (CostModel). Placement reads only this
+state, which every rank computes alike from the round's gathered client seconds and which the
+checkpoint holds, so resume places as the uninterrupted run did at that round; wall-clock time
+within a round never changes a placement.
 
 A client lands only on a group whose GPUs fit its tier's memory plan (plan/memory.py at the
 client's top-k, the group's ranks, ep and `gpu_memory_gb`).
@@ -39,21 +39,27 @@ SMOOTHING = 0.5  # weight of the newest round in a group's learned correction
 # The scheduler: pure functions on costs
 
 
-def lpt(costs: Sequence[float], seconds_per_cost: Sequence[float],
-        allowed: Sequence[Sequence[int]] | None = None) -> list[int]:
-    """Longest processing time first on groups of different speeds: jobs by decreasing cost
-    (ties: lower index first), each to the allowed group where it would finish first (ties:
-    lower group). Returns each job's group. Within 2m/(m+1) of the optimal makespan without
-    restrictions (Gonzalez, Ibarra, Sahni 1977), 4/3 - 1/(3m) on equal groups (Graham 1969)."""
-    m = len(seconds_per_cost)
+def lpt_times(times: Sequence[Sequence[float]], allowed: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """Longest processing time first: `times[j][g]` is job j's seconds on group g. Jobs by
+    decreasing shortest time over their allowed groups (ties: lower index first), each to the
+    allowed group where it would finish first (ties: lower group). Returns each job's group."""
+    m = len(times[0]) if times else 0
     load = [0.0] * m
-    out = [-1] * len(costs)
-    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
-        groups = allowed[job] if allowed is not None else range(m)
-        best = min(groups, key=lambda g: (load[g] + costs[job] * seconds_per_cost[g], g))
-        load[best] += costs[job] * seconds_per_cost[best]
+    out = [-1] * len(times)
+    options = [list(allowed[j]) if allowed is not None else list(range(m)) for j in range(len(times))]
+    for job in sorted(range(len(times)), key=lambda j: (-min(times[j][g] for g in options[j]), j)):
+        best = min(options[job], key=lambda g: (load[g] + times[job][g], g))
+        load[best] += times[job][best]
         out[job] = best
     return out
+
+
+def lpt(costs: Sequence[float], seconds_per_cost: Sequence[float],
+        allowed: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """LPT on groups of different speeds (`seconds_per_cost[g]`). Without restrictions within
+    2m/(m+1) of the optimal makespan (Gonzalez, Ibarra, Sahni 1977), 4/3 - 1/(3m) on equal groups
+    (Graham 1969)."""
+    return lpt_times([[c * s for s in seconds_per_cost] for c in costs], allowed)
 
 
 def busy_seconds(groups_of: Sequence[int], costs: Sequence[float], seconds_per_cost: Sequence[float]) -> list[float]:
@@ -61,6 +67,13 @@ def busy_seconds(groups_of: Sequence[int], costs: Sequence[float], seconds_per_c
     busy = [0.0] * len(seconds_per_cost)
     for job, g in enumerate(groups_of):
         busy[g] += costs[job] * seconds_per_cost[g]
+    return busy
+
+
+def busy_from_times(groups_of: Sequence[int], times: Sequence[Sequence[float]], groups: int) -> list[float]:
+    busy = [0.0] * groups
+    for job, g in enumerate(groups_of):
+        busy[g] += times[job][g]
     return busy
 
 
@@ -124,36 +137,73 @@ def fit_matrix(cfg: Config, shape, layout: Layout, top_ks: Sequence[int]) -> lis
 
 
 class CostModel:
-    """Seconds per FLOP of each group: planned from its GPUs, corrected by measured rounds."""
+    """Seconds of a client of tier t on group g: its FLOPs times the group's planned seconds per
+    FLOP times a learned ratio. A (tier, group) pair that trained keeps its own measured ratio,
+    smoothed over rounds; any other pair takes `group factor * tier factor` fitted to the
+    measured pairs, so one measured tier tells how fast a group is for the others, and one
+    measured group how costly a tier really is (at small scale a step's fixed costs flatten the
+    FLOP ratio between top-ks). Unmeasured: ratio 1, the plan. Plain float arithmetic only (no
+    libm, no BLAS), so every rank computes the same bits."""
 
-    def __init__(self, layout: Layout, nominal_tflops: float = NOMINAL_TFLOPS):
+    FIT_ITERATIONS = 50
+
+    def __init__(self, layout: Layout, costs: Sequence[float], nominal_tflops: float = NOMINAL_TFLOPS):
         self.signature = [[g.size, g.ep, g.tier] for g in layout.groups]
         self.planned = [1.0 / (g.size * nominal_tflops * 1e12) for g in layout.groups]
-        self.factors: list[float | None] = [None] * len(layout.groups)
+        self.costs = list(costs)  # FLOPs of a client's local work, per tier
+        self.ratios: list[list[float | None]] = [[None] * len(layout.groups) for _ in self.costs]
 
-    def seconds_per_cost(self) -> list[float]:
-        known = [f for f in self.factors if f is not None]
-        default = sum(known) / len(known) if known else 1.0
-        return [p * (f if f is not None else default) for p, f in zip(self.planned, self.factors)]
+    def _factors(self) -> tuple[list[float], list[float]]:
+        """Group and tier factors with ratio ~ group * tier over the measured pairs, by
+        alternating means; tier factors average 1 over the measured tiers."""
+        cells = [(t, g, r) for t, row in enumerate(self.ratios) for g, r in enumerate(row) if r is not None]
+        groups, tiers = len(self.planned), len(self.costs)
+        tier = [1.0] * tiers
+        group: list[float | None] = [None] * groups
+        if not cells:
+            return [1.0] * groups, tier
+        for _ in range(self.FIT_ITERATIONS):
+            for g in range(groups):
+                values = [r / tier[t] for t, gg, r in cells if gg == g]
+                group[g] = sum(values) / len(values) if values else None
+            measured = sorted({t for t, _, _ in cells})
+            for t in measured:
+                values = [r / group[g] for tt, g, r in cells if tt == t]
+                tier[t] = sum(values) / len(values)
+            scale = sum(tier[t] for t in measured) / len(measured)
+            for t in measured:
+                tier[t] /= scale
+            group = [None if f is None else f * scale for f in group]
+        known = [f for f in group if f is not None]
+        default = sum(known) / len(known)
+        return [default if f is None else f for f in group], tier
 
-    def observe(self, busy: Sequence[float], cost: Sequence[float]) -> None:
-        """A round's measured busy seconds and assigned FLOPs per group (groups without work
-        keep their state)."""
-        for g, (seconds, flops) in enumerate(zip(busy, cost)):
-            if flops <= 0 or seconds <= 0:
+    def seconds(self) -> list[list[float]]:
+        """[tier][group]: predicted seconds of one client."""
+        group, tier = self._factors()
+        return [[self.costs[t] * self.planned[g] * (r if r is not None else group[g] * tier[t])
+                 for g, r in enumerate(row)] for t, row in enumerate(self.ratios)]
+
+    def observe(self, cells: dict[tuple[int, int], float], counts: dict[tuple[int, int], int]) -> None:
+        """A round's measured seconds per (tier, group), summed over its `counts` clients."""
+        for (t, g), seconds in sorted(cells.items()):
+            if seconds <= 0:
                 continue
-            seen = seconds / (flops * self.planned[g])
-            old = self.factors[g]
-            self.factors[g] = seen if old is None else (1 - SMOOTHING) * old + SMOOTHING * seen
+            seen = seconds / (counts[t, g] * self.costs[t] * self.planned[g])
+            old = self.ratios[t][g]
+            self.ratios[t][g] = seen if old is None else (1 - SMOOTHING) * old + SMOOTHING * seen
 
     def state_dict(self) -> dict:
-        return {"groups": self.signature, "factors": list(self.factors)}
+        return {"groups": self.signature, "ratios": [list(row) for row in self.ratios]}
 
     def load_state_dict(self, state: dict | None) -> None:
-        """The checkpoint's corrections; a checkpoint of another layout (resumed on other ranks)
-        or none starts from the plan."""
-        if state and state.get("groups") == self.signature:
-            self.factors = [None if f is None else float(f) for f in state["factors"]]
+        """The checkpoint's ratios; a checkpoint of another layout (resumed on other ranks) or
+        none starts from the plan."""
+        if not state or state.get("groups") != self.signature:
+            return
+        ratios = state.get("ratios")
+        if isinstance(ratios, list) and len(ratios) == len(self.costs):
+            self.ratios = [[None if r is None else float(r) for r in row] for row in ratios]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,7 +228,7 @@ class Placement:
         self.client_tiers = list(client_tiers)  # tier index per client
         self.costs = list(costs)  # per tier
         self.fits = [list(row) for row in fits]  # [tier][group]
-        self.model = CostModel(layout, nominal_tflops)
+        self.model = CostModel(layout, costs, nominal_tflops)
         self.gpus = [g.size for g in layout.groups]
         self.current: Round | None = None
         self.last_utilisation: float | None = None
@@ -206,22 +256,21 @@ class Placement:
     def assign(self, clients: Sequence[int]) -> list[list[int]]:
         """Per group, the clients it trains this round (each exactly once, sorted)."""
         clients = list(clients)
-        spc = self.model.seconds_per_cost()
-        costs = [self.costs[self.client_tiers[c]] for c in clients]
+        per_tier = self.model.seconds()
+        times = [per_tier[self.client_tiers[c]] for c in clients]
         names = [self.tier_names[t] for t in self.client_tiers]
         group_of = {c: g for g, members in enumerate(self.layout.assign(clients, names)) for c in members}
-        tier_of = [group_of[c] for c in clients]
-        chosen = tier_of
-        if self.mode == "balanced" and len(self.layout.groups) > 1:
-            allowed = [self.allowed(self.client_tiers[c]) for c in clients]
-            balanced = lpt(costs, spc, allowed)
+        chosen = [group_of[c] for c in clients]
+        n = len(self.layout.groups)
+        if self.mode == "balanced" and n > 1:
+            balanced = lpt_times(times, [self.allowed(self.client_tiers[c]) for c in clients])
             # LPT is a heuristic: keep the tier placement when it is predicted no slower.
-            if max(busy_seconds(balanced, costs, spc)) < max(busy_seconds(tier_of, costs, spc)):
+            if max(busy_from_times(balanced, times, n)) < max(busy_from_times(chosen, times, n)):
                 chosen = balanced
         groups: list[list[int]] = [[] for _ in self.layout.groups]
         for c, g in zip(clients, chosen):
             groups[g].append(c)
-        self.current = Round([sorted(g) for g in groups], busy_seconds(chosen, costs, spc))
+        self.current = Round([sorted(g) for g in groups], busy_from_times(chosen, times, n))
         return self.current.groups
 
     def observe(self, seconds: dict[int, float], wall: float) -> dict:
@@ -229,9 +278,15 @@ class Placement:
         rank, gathered with the round) update the model; returns the round event's `placement`."""
         current = self.current
         busy = [sum(seconds.get(c, 0.0) for c in members) for members in current.groups]
-        cost = [sum(self.costs[self.client_tiers[c]] for c in members if c in seconds)
-                for members in current.groups]
-        self.model.observe(busy, cost)
+        cells: dict[tuple[int, int], float] = {}
+        counts: dict[tuple[int, int], int] = {}
+        for g, members in enumerate(current.groups):
+            for c in members:
+                if c in seconds:
+                    key = (self.client_tiers[c], g)
+                    cells[key] = cells.get(key, 0.0) + seconds[c]
+                    counts[key] = counts.get(key, 0) + 1
+        self.model.observe(cells, counts)
         # `wall` is world rank 0's round; the other groups may have started it while rank 0
         # still evaluated the last one, so a group's busy time can exceed it.
         self.last_utilisation = utilisation(busy, self.gpus, max(wall, *busy))

@@ -98,7 +98,8 @@ def test_killed_balanced_run_resumes_bitwise_with_its_cost_model(single_process,
     proc.wait()
     assert not (out / "final").exists()
     state = json.loads((out / "checkpoints" / "round-000001" / "state.json").read_text())["placement"]
-    assert state["groups"] == [[1, 1, "low"], [1, 1, "high"]] and all(f > 0 for f in state["factors"])
+    assert state["groups"] == [[1, 1, "low"], [1, 1, "high"]]
+    assert any(r is not None and r > 0 for row in state["ratios"] for r in row)  # round 1 was measured
     mpiexec(2, "-m", "pipeline.cli", "resume", out, timeout=400)
     want, got = _adapters(single_process), _adapters(out)
     assert all(torch.equal(got[k], want[k]) for k in want)

@@ -125,14 +125,16 @@ def test_the_cost_model_learns_and_its_state_restores_the_placement():
     a = planned_placement(cfg, layout, shape, "balanced")
     clients = list(range(8))
     first = a.assign(clients)
+    planned = a.model.seconds()
     # Group 3 (4 GPUs) measures 10x slower than planned: it loses work the next round.
-    seconds = {}
-    for g, members in enumerate(first):
-        for c in members:
-            seconds[c] = a.costs[a.client_tiers[c]] * a.model.seconds_per_cost()[g] * (10 if g == 3 else 1)
+    seconds = {c: planned[a.client_tiers[c]][g] * (10 if g == 3 else 1)
+               for g, members in enumerate(first) for c in members}
     record = a.observe(seconds, wall=max(a.current.predicted) * 10)
     assert record["busy_seconds"][3] == pytest.approx(10 * record["predicted_seconds"][3])
-    assert a.model.factors[3] == pytest.approx(10.0) and a.model.factors[0] == pytest.approx(1.0)
+    learned = a.model.seconds()
+    for t in range(4):  # every tier on group 3, measured or not, is now 10x its plan; the rest as planned
+        assert learned[t][3] == pytest.approx(10 * planned[t][3])
+        assert learned[t][0] == pytest.approx(planned[t][0])
     second = a.assign(clients)
     work = lambda groups, g: sum(a.costs[a.client_tiers[c]] for c in groups[g])  # noqa: E731
     assert work(second, 3) < work(first, 3)
@@ -142,23 +144,31 @@ def test_the_cost_model_learns_and_its_state_restores_the_placement():
     assert b.assign(clients) == a.assign(clients)
     c = planned_placement(cfg, plan_layout(cfg, 16), shape, "balanced")
     c.load_state_dict(a.state_dict())
-    assert c.model.factors == [None] * 8
-    # A JSON round trip (state.json) keeps every bit of the factors.
+    assert all(r is None for row in c.model.ratios for r in row)
+    # A JSON round trip (state.json) keeps every bit.
     import json
 
     d = planned_placement(cfg, layout, shape, "balanced")
     d.load_state_dict(json.loads(json.dumps(a.state_dict())))
-    assert d.model.factors == a.model.factors
+    assert d.model.ratios == a.model.ratios and d.model.seconds() == a.model.seconds()
 
 
-def test_an_unmeasured_group_takes_the_measured_groups_mean_correction():
-    layout = plan_layout(_cfg(), 8)
-    model = CostModel(layout, nominal_tflops=1.0)
-    model.observe([2.0 * 1e-12, 0, 0, 0], [1.0, 0, 0, 0])  # group 0 measured 2x its plan
-    spc = model.seconds_per_cost()
-    assert spc[0] == pytest.approx(2e-12) and spc[3] == pytest.approx(2e-12 / 4)
-    model.observe([1e-12, 0, 0, 0], [1.0, 0, 0, 0])  # smoothed: half old, half new
-    assert model.factors[0] == pytest.approx(1.5)
+def test_unmeasured_pairs_take_their_groups_and_tiers_factors():
+    layout = plan_layout(_cfg(), 8)  # groups of 1, 1, 2, 4 GPUs
+    model = CostModel(layout, costs=[1.0, 2.0, 3.0, 4.0], nominal_tflops=1.0)
+    plan = model.seconds()
+    # Tier 0 measured at 2x its plan on group 0, tier 1 at 1x on groups 0 and 1.
+    model.observe({(0, 0): 2 * plan[0][0], (1, 0): plan[1][0], (1, 1): plan[1][1]},
+                  {(0, 0): 1, (1, 0): 1, (1, 1): 1})
+    got = model.seconds()
+    assert got[0][0] == pytest.approx(2 * plan[0][0]) and got[1][1] == pytest.approx(plan[1][1])
+    assert got[0][1] == pytest.approx(2 * plan[0][1], rel=1e-6)  # tier 0 costs 2x its FLOPs anywhere
+    assert got[1][3] == pytest.approx(plan[1][3], rel=1e-6)  # group 3 unmeasured: the groups' mean (1x)
+    # Tier 2 unmeasured: the mean of the measured tiers on the group (2x and 1x -> 1.5x).
+    assert got[2][0] == pytest.approx(1.5 * plan[2][0], rel=1e-6)
+    # Smoothing: half the old ratio, half the new.
+    model.observe({(0, 0): 4 * plan[0][0]}, {(0, 0): 1})
+    assert model.ratios[0][0] == pytest.approx(3.0)
 
 
 def test_one_group_takes_every_client():
