@@ -143,6 +143,8 @@ def read_peft_adapter(path: str | Path) -> PeftAdapter:
     except (SafetensorError, OSError) as exc:
         raise AdapterMismatch(f"{path / WEIGHTS_FILE}: cannot be read ({exc})") from None
     tensors, modules, experts = _our_names(path, raw)
+    if not tensors:
+        raise AdapterMismatch(f"{path / WEIGHTS_FILE}: holds no LoRA factors")
     adapter = PeftAdapter(path, r, float(scale), tuple(sorted(modules)), bool(experts), {})
     adapter.tensors = _our_layout(adapter, tensors)
     return adapter
@@ -191,9 +193,9 @@ def _our_layout(adapter: PeftAdapter, tensors: dict[str, Tensor]) -> dict[str, T
     return out
 
 
-def check_fits(adapter: PeftAdapter, model: nn.Module, what: str) -> None:
-    """The adapter adapts exactly the model's LoRA pieces, at the model's built rank and shapes.
-    `what` names the source in the message (a config field or a flag)."""
+def check_fits(adapter: PeftAdapter, model: nn.Module, what: str, partial: bool = False) -> None:
+    """The adapter adapts exactly the model's LoRA pieces (`partial`: some of them), at the
+    model's built rank and shapes. `what` names the source in the message (a field or a flag)."""
     params = {n: p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1].startswith("lora_")}
     ranks = {m.rank for _, m in _lora_pieces(model)}
     if ranks and adapter.rank not in ranks:
@@ -204,11 +206,11 @@ def check_fits(adapter: PeftAdapter, model: nn.Module, what: str) -> None:
     if extra:
         raise AdapterMismatch(f"{what}: {adapter.path} adapts {extra[0].rsplit('.', 1)[0]!r}, which the model "
                               "does not (model.lora.attention / model.lora.experts)")
-    if missing:
+    if missing and not partial:
         raise AdapterMismatch(f"{what}: {adapter.path} does not adapt {missing[0].rsplit('.', 1)[0]!r}, "
                               "which the model does (model.lora.attention / model.lora.experts)")
     for name, p in params.items():
-        if tuple(adapter.tensors[name].shape) != tuple(p.shape):
+        if name in adapter.tensors and tuple(adapter.tensors[name].shape) != tuple(p.shape):
             raise AdapterMismatch(f"{what}: {adapter.path}: {name} has shape "
                                   f"{tuple(adapter.tensors[name].shape)}, the model's {tuple(p.shape)}")
 
@@ -219,10 +221,3 @@ def adapter_state_at_scale(adapter: PeftAdapter, scale: float) -> dict[str, Tens
     ratio = adapter.scale / scale
     return {k: (v * ratio if ratio != 1.0 and k.rsplit("_", 1)[-1] == "B" else v.clone())
             for k, v in adapter.tensors.items()}
-
-
-def adapter_shape_info(adapter: PeftAdapter) -> dict:
-    """What `patch_olmoe` needs to build a model this adapter fits."""
-    return dict(lora_rank=adapter.rank, lora_alpha=adapter.scale * adapter.rank,
-                expert_lora=adapter.experts, attention_lora=bool(adapter.attention_modules),
-                attention_modules=adapter.attention_modules or ("q_proj",))
