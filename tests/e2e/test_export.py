@@ -246,3 +246,24 @@ def test_bad_init_adapter_is_one_line_and_exit_2(finished_run, peft_export, tmp_
     assert code == 2, err
     assert err.count("\n") == 1 and "model.init_adapter" in err and message in err, err
     assert not out.exists()  # checked before anything was written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "{run}", "--adapter", "{peft}"], "--adapter: only with --model"),
+    (["eval", "--model", "{tmp}/nope", "{run}"], "--model {tmp}/nope: no such directory"),
+    (["eval", "--model", "assets/tiny-olmoe", "--adapter", "{tmp}/nope", "{run}"], "--adapter: {tmp}/nope: no such directory"),
+    (["eval", "--model", "assets/tiny-olmoe", "--adapter", "{tmp}/lm", "{run}"], "adapts 'lm_head'"),
+    (["eval", "--model", "assets/tiny-olmoe", "--config", str(TINY), "{run}"], "--config/--set: not with a run directory"),
+    (["export", "{run}", "--format", "onnx", "--out", "{tmp}/x"], "--format: must be peft or merged"),
+    (["export", "{run}", "--format", "peft", "--tier", "mid", "--out", "{tmp}/x"], "has no tier 'mid' (its tiers: low, high)"),
+    (["export", "{run}", "--format", "peft", "--out", "{tmp}/full"], "--out {tmp}/full: directory exists and is not empty"),
+])
+def test_bad_export_and_eval_flags_are_one_line_and_exit_2(finished_run, peft_export, tmp_path, capsys, args, message):
+    _bad_adapter(peft_export, tmp_path / "lm", _lm_head_too)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    fill = dict(run=finished_run, peft=peft_export, tmp=tmp_path)
+    code = main([a.format(**fill) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and message.format(**fill) in err, err
+    assert not (tmp_path / "x").exists() and [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]

@@ -116,3 +116,33 @@ def test_load_model_from_local_dir(tiny_olmoe, tmp_path):
     assert isinstance(loaded, OlmoeForCausalLM) and loaded.dtype == torch.bfloat16
     torch.testing.assert_close(loaded.model.layers[0].mlp.gate.weight.float(),
                                tiny_olmoe.model.layers[0].mlp.gate.weight.bfloat16().float())
+
+
+def test_peft_adapter_on_a_saved_base_with_its_delta(tiny_olmoe, tmp_path):
+    """A merge-into-backbone method's export: the changed base (no LoRA) saved as a plain model,
+    the adapter loaded onto it by peft, at a lower top-k written to the base's config."""
+    from peft import PeftModel
+
+    from pipeline.model import set_base_delta
+    from pipeline.model.base_delta import lora_base_weights
+
+    model = patch_olmoe(tiny_olmoe, lora_rank=4, lora_alpha=8.0)
+    _nonzero_adapters(model, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    set_base_delta(model, {k: torch.randn(w.shape, generator=gen) * 0.05 for k, w in lora_base_weights(model).items()})
+    set_top_k(model, 2)
+    save_merged(model, tmp_path / "base", lora=False)
+    save_peft_adapter(model, tmp_path / "peft", base_model=str(tmp_path / "base"))
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["num_experts_per_tok"] == 2
+
+    peft_model = PeftModel.from_pretrained(OlmoeForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "peft")
+    ids = torch.randint(1, 64, (2, 10))
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(peft_model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+        with peft_model.disable_adapter():  # the base alone is the delta without the LoRA
+            without = peft_model(input_ids=ids).logits
+    load_adapter_state(model, {k: torch.zeros_like(v) for k, v in adapter_state(model).items()})
+    with torch.no_grad():
+        torch.testing.assert_close(without, model(ids).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(without, expected, atol=1e-3)
