@@ -111,8 +111,7 @@ def export_run(run_dir: Path, fmt: str, tier_name: str | None, out: Path, comman
             base = str(out.resolve())
         else:
             base = str((out / "base").resolve()) if merges_base else source_model
-            fields = save_peft_adapter(model, tmp, base_model=base)
-            setting = ModelSetting(setting.top_k, fields["r"], setting.lora_scale)
+            save_peft_adapter(model, tmp, base_model=base)  # at the setting's rank and scale
             if merges_base:  # the base weights the adapter was trained on
                 save_merged(model, tmp / "base", tokenizer=tokenizer, lora=False)
         info = {"format": fmt, "tier": tier_name, "top_k": setting.top_k, "lora_rank": setting.lora_rank,

@@ -179,8 +179,8 @@ def _our_layout(adapter: PeftAdapter, tensors: dict[str, Tensor]) -> dict[str, T
         value = value.float()
         leaf = key.rsplit(".", 1)[-1]
         expert = leaf.startswith(("lora_gate_up", "lora_down"))
-        rows = value.shape[0] if leaf.endswith("A") else value.shape[1]
-        if value.dim() != 2 or rows % r or (not expert and rows != r):
+        rows = (value.shape[0] if leaf.endswith("A") else value.shape[1]) if value.dim() == 2 else 0
+        if not rows or rows % r or (not expert and rows != r):
             raise AdapterMismatch(f"{adapter.path}: {key} has shape {tuple(value.shape)}, not LoRA rank r={r}")
         if expert:
             num = rows // r

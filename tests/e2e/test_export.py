@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.cli import main
 from tests.conftest import set_args
-from tests.e2e.conftest import REPO, TINY, fedmoe
+from tests.e2e.conftest import TINY, fedmoe
 
 pytestmark = pytest.mark.slow
 
