@@ -114,7 +114,7 @@ def _fedmoe_side(run: Path, tier_name: str):
 
 def test_peft_export_loads_in_plain_peft_with_the_runs_accuracy(finished_run, peft_export, tmp_path):
     from pipeline.eval.scoring import evaluate_choices
-    from pipeline.model import apply_setting, ModelSetting
+    from pipeline.model import ModelSetting, adapter_state, apply_setting, load_adapter_state
 
     config = json.loads((peft_export / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
@@ -158,12 +158,11 @@ def test_peft_export_loads_in_plain_peft_with_the_runs_accuracy(finished_run, pe
         assert scored["loss"] == pytest.approx(final[tier.name]["loss"], abs=1e-5)
         assert ours[tier.name]["loss"] == final[tier.name]["loss"]  # fedmoe's side is the run's own evaluation
     # The adapter matters: the base model alone gives other logits.
-    base_model, *_ = _fedmoe_side(finished_run, "low")
-    from pipeline.model import load_adapter_state, adapter_state
-    load_adapter_state(base_model, {k: torch.zeros_like(v) for k, v in adapter_state(base_model).items()})
+    load_adapter_state(model, {k: torch.zeros_like(v) for k, v in adapter_state(model).items()})
+    apply_setting(model, ModelSetting(2, cfg.model.lora.rank))
     ids, mask, logits = recorded[2][0]
     with torch.no_grad():
-        assert not torch.allclose(base_model(input_ids=ids, attention_mask=mask).logits[mask.bool()],
+        assert not torch.allclose(model(input_ids=ids, attention_mask=mask).logits[mask.bool()],
                                   logits[mask.bool()], atol=1e-4)
 
 
