@@ -47,16 +47,11 @@ class HeteroRankStrategy(Strategy):
         self.delta: dict[str, Tensor] = {}
 
     # --- state ----------------------------------------------------------------------------
-    def state_dict(self):
-        state = super().state_dict()
-        state["tensors"].update({f"delta/{k}": v for k, v in self.delta.items()})
-        return state
+    tensor_state = ("delta",)
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
         self.pairs = lm.lora_pairs(self.global_adapters)
-        self.delta = {k[len("delta/"):]: v.clone() for k, v in state["tensors"].items()
-                      if k.startswith("delta/")}
 
     def base_delta(self) -> dict[str, Tensor]:
         return self.delta

@@ -37,15 +37,11 @@ class MergeStrategy(Strategy):
         self.delta = {k: v[start:stop].clone() if _is_expert_pair(k) else v for k, v in self.delta.items()}
 
     # --- state ---------------------------------------------------------------------------
-    def state_dict(self):
-        state = super().state_dict()
-        state["tensors"].update({f"delta/{k}": v for k, v in self.delta.items()})
-        return state
+    tensor_state = ("delta",)
 
     def load_state_dict(self, state) -> None:
         super().load_state_dict(state)
         self.pairs = lm.lora_pairs(self.global_adapters)
-        self.delta = _prefixed(state, "delta/")
 
     def base_delta(self) -> dict[str, Tensor]:
         return self.delta
@@ -59,7 +55,3 @@ class MergeStrategy(Strategy):
 
 def _is_expert_pair(key: str) -> bool:
     return is_expert_adapter(key + "_A")
-
-
-def _prefixed(state, prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v.clone() for k, v in state["tensors"].items() if k.startswith(prefix)}
