@@ -67,8 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     resume = sub.add_parser("resume", help="continue a killed run from its latest checkpoint")
     resume.add_argument("run_dir")
 
-    ev = sub.add_parser("eval", help="evaluate a run's latest checkpoint (its final state once finished)")
-    ev.add_argument("run_dir")
+    ev = sub.add_parser("eval", help="evaluate a run's latest checkpoint (its final state once finished), "
+                        "or with --model any OLMoE directory on a run's or a config's benchmark and tiers")
+    ev.add_argument("run_dir", nargs="?", default=None)
+    ev.add_argument("--model", default=None, metavar="DIR", help="a Hugging Face OLMoE directory to evaluate")
+    ev.add_argument("--adapter", default=None, metavar="DIR", help="with --model: a peft LoRA adapter to load onto it")
+    ev.add_argument("--config", default=None, help="with --model and no run: the YAML whose benchmark and tiers to use")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="with --model and no run: override a config field (repeatable)")
     ev.add_argument("--checkpoint", default=None, help="a checkpoint directory instead of checkpoints/latest")
     ev.add_argument("--json", default=None, metavar="PATH", help="also write the per-tier results as JSON")
     ev.add_argument("--top-k", dest="top_ks", action="append", default=[], metavar="K",
@@ -94,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--sbatch", action="store_true",
                       help="also print the SLURM resources (#SBATCH lines) and an sbatch command (slurm/)")
     plan.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per cluster node, for --sbatch")
+
+    ex = sub.add_parser("export", help="a run's result as a peft adapter or a merged model, with a model card")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", required=True, metavar="peft|merged", help="peft adapter or merged Hugging Face model")
+    ex.add_argument("--tier", default=None, metavar="NAME", help="at this tier's top-k and rank (default: full)")
+    ex.add_argument("--out", required=True, metavar="DIR", help="a new or empty directory")
 
     report = sub.add_parser("report", help="rewrite RUN/report.md and RUN/plots/ from metrics.jsonl")
     report.add_argument("run_dir")
@@ -156,6 +168,29 @@ def _storage_error(args: argparse.Namespace, filename, reason: str) -> int:
     return 2
 
 
+def _eval_config(args: argparse.Namespace):
+    """`fedmoe eval`'s flags checked together; with --model, the config whose benchmark and
+    tiers it uses (the run's, or --config/--set); None for a run's own evaluation."""
+    from pipeline.config import load_config
+
+    if args.model is None:
+        for flag, value in (("--adapter", args.adapter), ("--config", args.config), ("--set", args.overrides)):
+            if value:
+                raise UserError(f"{flag}: only with --model")
+        if args.run_dir is None:
+            raise UserError("eval: give a run directory, or --model DIR")
+        return None
+    if args.checkpoint:
+        raise UserError("--checkpoint: not with --model (it evaluates the model directory)")
+    if args.run_dir is not None:
+        if args.config or args.overrides:
+            raise UserError("--config/--set: not with a run directory (its config is used)")
+        from pipeline.federation.rundir import run_config
+
+        return run_config(Path(args.run_dir))
+    return load_config(args.config, args.overrides)
+
+
 def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
     from pipeline.config import EVAL_MODES, load_config
 
@@ -187,17 +222,35 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         if args.mode is not None and args.mode not in EVAL_MODES:  # before any import or load
             raise UserError(f"--mode: must be choice or generate, got {args.mode!r}")
         _top_ks(args.top_ks)
+        cfg = _eval_config(args)  # before any import or load
         json_out = writable_file(args.json, "--json") if args.json else None  # before the evaluation
         _quiet_libraries()
-        from pipeline.federation.evaluation import evaluate_run
+        if args.model:
+            from pipeline.federation.external_eval import evaluate_model
 
-        rows = evaluate_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None,
-                            top_ks=_top_ks(args.top_ks), mode=args.mode)
+            rows = evaluate_model(cfg, Path(args.model), Path(args.adapter) if args.adapter else None,
+                                  top_ks=_top_ks(args.top_ks), mode=args.mode)
+        else:
+            from pipeline.federation.evaluation import evaluate_run
+
+            rows = evaluate_run(Path(args.run_dir), Path(args.checkpoint) if args.checkpoint else None,
+                                top_ks=_top_ks(args.top_ks), mode=args.mode)
         if json_out:
             try:
                 json_out.write_text(json.dumps(rows, indent=1))
             except OSError as exc:
                 raise UserError(f"--json {json_out}: {exc.strerror or exc}") from None
+        return 0
+    if args.command == "export":
+        from pipeline.federation.export_run import check_export_args
+
+        run_dir, out = Path(args.run_dir), Path(args.out)
+        check_export_args(run_dir, args.format, args.tier, out)  # before the slow imports
+        _quiet_libraries()
+        from pipeline.federation.export_run import export_run
+
+        command = "fedmoe " + " ".join(sys.argv[1:] if argv is None else argv)
+        export_run(run_dir, args.format, args.tier, out, command)
         return 0
     if args.command == "compare":
         from pipeline.eval.compare import compare

@@ -35,6 +35,7 @@ class ModelConfig:
     source: str = "assets/tiny-olmoe"  # local Hugging Face directory or hub id
     dtype: str = "float32"  # weights of the frozen base: float32 | bfloat16
     lora: LoraConfig = field(default_factory=LoraConfig)
+    init_adapter: str | None = None  # a peft LoRA adapter directory the run starts from (docs/export.md)
 
 
 @dataclass
@@ -291,6 +292,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.lora.alpha > 0, "model.lora.alpha", "must be > 0")
     _check(cfg.model.lora.experts or cfg.model.lora.attention, "model.lora",
            "at least one of experts / attention must be true")
+    if cfg.model.init_adapter is not None:
+        _check_adapter_dir(cfg.model.init_adapter)
     _check(len(cfg.tiers) >= 1, "tiers", "at least one tier is required")
     names = [t.name for t in cfg.tiers]
     _check(len(set(names)) == len(names), "tiers", f"tier names must be unique, got {names}")
@@ -350,6 +353,14 @@ def validate(cfg: Config) -> None:
     _check(cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens", f"must be >= 1, got {cfg.eval.max_new_tokens}")
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+def _check_adapter_dir(path: str) -> None:
+    """A peft adapter directory with its two files; rank and targets are checked against the model."""
+    _check(Path(path).is_dir(), "model.init_adapter", f"no such directory: {path}")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        _check((Path(path) / name).is_file(), "model.init_adapter",
+               f"{path} has no {name} (a peft LoRA adapter directory has both)")
 
 
 def _check_deepspeed_json(path: str) -> None:

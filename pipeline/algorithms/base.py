@@ -100,14 +100,21 @@ class Strategy(ABC):
     def init_state(self, initial_adapters: dict[str, Tensor]) -> None:
         self.global_adapters = {k: v.detach().clone() for k, v in initial_adapters.items()}
 
+    # Attributes holding further dicts of server tensors (e.g. a base delta), each saved under
+    # "<name>/" in the checkpoint after the adapters, in this order.
+    tensor_state: tuple[str, ...] = ()
+
     def state_dict(self) -> dict[str, Any]:
         """{"tensors": flat dict for safetensors, "meta": JSON-able}; no pickled code."""
-        return {"tensors": {f"adapters/{k}": v for k, v in self.global_adapters.items()}, "meta": {}}
+        tensors = {f"adapters/{k}": v for k, v in self.global_adapters.items()}
+        for name in self.tensor_state:
+            tensors.update({f"{name}/{k}": v for k, v in getattr(self, name).items()})
+        return {"tensors": tensors, "meta": {}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        prefix = "adapters/"
-        self.global_adapters = {k[len(prefix):]: v.clone() for k, v in state["tensors"].items()
-                                if k.startswith(prefix)}
+        self.global_adapters = _prefixed(state, "adapters")
+        for name in self.tensor_state:
+            setattr(self, name, _prefixed(state, name))
 
     # --- per client ---------------------------------------------------------------------
     def plan(self, client_id: int, round_: int, tier: Tier) -> ClientPlan:
@@ -233,3 +240,8 @@ def check_method(name: str, options: dict) -> type[Strategy]:
 
 def build_strategy(name: str, options: dict, model: ModelInfo, tiers: list[Tier]) -> Strategy:
     return check_method(name, options)(options, model, tiers)
+
+
+def _prefixed(state: dict[str, Any], name: str) -> dict[str, Tensor]:
+    prefix = f"{name}/"
+    return {k[len(prefix):]: v.clone() for k, v in state["tensors"].items() if k.startswith(prefix)}

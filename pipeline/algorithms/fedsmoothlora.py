@@ -36,7 +36,7 @@ from torch import Tensor
 from pipeline.algorithms import merge_math as mm
 from pipeline.algorithms.base import ClientPlan, ClientUpdate, register
 from pipeline.algorithms.client_store import ClientStore, RunStorage
-from pipeline.algorithms.merge_backbone import MergeStrategy, _prefixed
+from pipeline.algorithms.merge_backbone import MergeStrategy
 from pipeline.algorithms.options import Option
 from pipeline.errors import ConfigError
 
@@ -51,6 +51,7 @@ def cosine_zeta_schedule(current_round: int, total_rounds: int, initial_zeta: fl
 @register
 class FedSmoothLoRA(MergeStrategy):
     name = "fedsmoothlora"
+    tensor_state = ("delta", "merged")
     option_spec = {
         "rm": Option(True, bool), "ga": Option(True, bool),
         # The official default is `constant`; its README prescribes `decay` for non-IID data,
@@ -101,13 +102,11 @@ class FedSmoothLoRA(MergeStrategy):
     # --- state ---------------------------------------------------------------------------
     def state_dict(self):
         state = super().state_dict()
-        state["tensors"].update({f"merged/{k}": v for k, v in self.merged.items()})
         state["meta"]["clients"] = self.store.state() if self.store else (self.pending_index or {})
         return state
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.merged = _prefixed(state, "merged/")
         self.pending_index = state["meta"].get("clients", {})
         if self.store is not None:
             self.store.load_state(self.pending_index)

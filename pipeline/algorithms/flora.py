@@ -51,11 +51,4 @@ class FLoRA(HeteroRankStrategy):
         self.global_adapters = {k: v.clone() for k, v in self.fresh.items()}
         return {}
 
-    def state_dict(self):
-        state = super().state_dict()
-        state["tensors"].update({f"fresh/{k}": v for k, v in self.fresh.items()})
-        return state
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.fresh = {k[len("fresh/"):]: v.clone() for k, v in state["tensors"].items() if k.startswith("fresh/")}
+    tensor_state = ("delta", "fresh")

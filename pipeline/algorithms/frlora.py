@@ -17,7 +17,7 @@ import torch
 
 from pipeline.algorithms import merge_math as mm
 from pipeline.algorithms.base import ClientUpdate, register, weighted_average, weighted_sum_contribution
-from pipeline.algorithms.merge_backbone import MergeStrategy, _prefixed
+from pipeline.algorithms.merge_backbone import MergeStrategy
 from pipeline.algorithms.options import Option
 
 
@@ -53,11 +53,4 @@ class FRLoRA(MergeStrategy):
         self.global_adapters = {k: v.clone() for k, v in self.fresh.items()}
         return {}
 
-    def state_dict(self):
-        state = super().state_dict()
-        state["tensors"].update({f"fresh/{k}": v for k, v in self.fresh.items()})
-        return state
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.fresh = _prefixed(state, "fresh/")
+    tensor_state = ("delta", "fresh")

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from pipeline.algorithms import lora_math as lm
-from pipeline.algorithms.base import ClientPlan, ClientUpdate, Strategy
+from pipeline.algorithms.base import ClientPlan, ClientUpdate
+from pipeline.algorithms.delta_state import DeltaStrategy
 from pipeline.algorithms.options import Option
 from pipeline.config import Tier
 from pipeline.model.setting import ModelSetting
@@ -23,7 +24,7 @@ from pipeline.model.setting import ModelSetting
 ALPHA_PER_RANK = 2.0  # alpha = 2 r in the official heterogeneous-rank codes
 
 
-class HeteroRankStrategy(Strategy):
+class HeteroRankStrategy(DeltaStrategy):
     option_spec = {"lora_alpha": Option("2r", ("2r", "fixed"))}
 
     def lora_scale(self, rank: int) -> float:
@@ -38,28 +39,9 @@ class HeteroRankStrategy(Strategy):
 
     def init_state(self, initial_adapters: dict[str, Tensor]) -> None:
         super().init_state(initial_adapters)
-        self.pairs = lm.lora_pairs(initial_adapters)
-        if len(self.pairs) * 2 != len(initial_adapters):
-            raise ValueError(f"{self.name}: every adapter tensor must belong to a LoRA pair")
         s_max = self.lora_scale(self.model.lora_rank)
         for _, _, b in self.pairs:  # stored scaled: s_max * B
             self.global_adapters[b] = self.global_adapters[b] * s_max
-        self.delta: dict[str, Tensor] = {}
-
-    # --- state ----------------------------------------------------------------------------
-    def state_dict(self):
-        state = super().state_dict()
-        state["tensors"].update({f"delta/{k}": v for k, v in self.delta.items()})
-        return state
-
-    def load_state_dict(self, state) -> None:
-        super().load_state_dict(state)
-        self.pairs = lm.lora_pairs(self.global_adapters)
-        self.delta = {k[len("delta/"):]: v.clone() for k, v in state["tensors"].items()
-                      if k.startswith("delta/")}
-
-    def base_delta(self) -> dict[str, Tensor]:
-        return self.delta
 
     def add_delta(self, key: str, value: Tensor) -> None:
         self.delta[key] = self.delta[key] + value if key in self.delta else value.clone()

@@ -13,11 +13,11 @@ from torch import Tensor
 
 from pipeline.algorithms import lora_math as lm
 from pipeline.algorithms import merge_math as mm
-from pipeline.algorithms.base import Strategy
+from pipeline.algorithms.delta_state import DeltaStrategy
 from pipeline.model.adapters import is_expert_adapter
 
 
-class MergeStrategy(Strategy):
+class MergeStrategy(DeltaStrategy):
     expert_sharded = True
 
     @property
@@ -25,30 +25,9 @@ class MergeStrategy(Strategy):
         """s = alpha / r: every client trains at the full rank (the model's LoRA scale)."""
         return lm.scale(self.model.lora_alpha, self.model.lora_rank)
 
-    def init_state(self, initial_adapters: dict[str, Tensor]) -> None:
-        super().init_state(initial_adapters)
-        self.pairs = lm.lora_pairs(initial_adapters)
-        if len(self.pairs) * 2 != len(initial_adapters):
-            raise ValueError(f"{self.name}: every adapter tensor must belong to a LoRA pair")
-        self.delta: dict[str, Tensor] = {}
-
     def shard_experts(self, start: int, stop: int) -> None:
         super().shard_experts(start, stop)
         self.delta = {k: v[start:stop].clone() if _is_expert_pair(k) else v for k, v in self.delta.items()}
-
-    # --- state ---------------------------------------------------------------------------
-    def state_dict(self):
-        state = super().state_dict()
-        state["tensors"].update({f"delta/{k}": v for k, v in self.delta.items()})
-        return state
-
-    def load_state_dict(self, state) -> None:
-        super().load_state_dict(state)
-        self.pairs = lm.lora_pairs(self.global_adapters)
-        self.delta = _prefixed(state, "delta/")
-
-    def base_delta(self) -> dict[str, Tensor]:
-        return self.delta
 
     def merge(self, key: str, *terms: tuple[float, Tensor, Tensor]) -> None:
         """delta[key] += s * sum c B A over the terms (c, A, B): float64, kept in float32."""
@@ -59,7 +38,3 @@ class MergeStrategy(Strategy):
 
 def _is_expert_pair(key: str) -> bool:
     return is_expert_adapter(key + "_A")
-
-
-def _prefixed(state, prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix):]: v.clone() for k, v in state["tensors"].items() if k.startswith(prefix)}

@@ -61,7 +61,12 @@ def setup(cfg: Config):
     strategy = build_strategy(cfg.algorithm.name, cfg.algorithm.options, info, tiers)
     strategy.total_rounds = cfg.federation.rounds
     apply_model_features(model, strategy, cfg)
-    strategy.init_state(init_adapter_state(model, derive_seed(cfg.seed, ADAPTER_INIT)))
+    initial = init_adapter_state(model, derive_seed(cfg.seed, ADAPTER_INIT))
+    if cfg.model.init_adapter:  # a peft adapter to start from, checked against the model
+        from pipeline.federation.peft_inputs import start_adapters
+
+        initial = start_adapters(model, strategy, cfg, initial)
+    strategy.init_state(initial)
     strategy.check_run(base_weight_shapes(model), max(t.ranks for t in cfg.tiers))
     data = load_federated_data(cfg, tokenizer)
     return model, tokenizer, tiers, strategy, data

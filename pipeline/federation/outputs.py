@@ -12,7 +12,8 @@ from torch import Tensor
 from pipeline import checkpoint
 from pipeline.federation.assembly import Federation, evaluates
 from pipeline.federation.expert_shards import is_expert_key
-from pipeline.model import save_merged, set_base_delta
+from pipeline.federation.export_run import export_setting, place_model
+from pipeline.model import save_merged
 
 
 def save_round(fed: Federation, round_: int, offset: int | None = None) -> None:
@@ -87,13 +88,12 @@ def _save_joined(path: Path, tensors: dict[str, Tensor], staged: Path) -> None:
 
 
 def export_merged(fed: Federation, adapters: dict[str, Tensor], out: Path) -> None:
-    """The merged model at full top-k and rank, written by world rank 0. Under expert
-    parallelism its expert-parallel group all-gathers the experts first (engine.whole_experts):
-    the one place where a rank holds every expert, because the export is the whole model."""
+    """The merged model at full top-k and rank, written by world rank 0, as `fedmoe export
+    --format merged` writes it (export_run). Under expert parallelism its expert-parallel group
+    all-gathers the experts first (engine.whole_experts): the one place where a rank holds every
+    expert, because the export is the whole model."""
     model = fed.engine.model
-    fed.engine.load_adapters(adapters)
-    set_base_delta(model, fed.strategy.base_delta())
-    fed.strategy.configure_model(model, None)  # its hooks, as at evaluation
-    fed.engine.use(fed.strategy.setting(model.config.num_experts_per_tok, fed.cfg.model.lora.rank))
+    _, setting = export_setting(fed.strategy, None, model.config.num_experts_per_tok, fed.cfg.model.lora.rank)
+    place_model(model, fed.strategy, adapters, setting, fed.engine.load_adapters, fed.engine.use)
     with fed.engine.whole_experts():  # ZeRO-3: the other ranks take part in save_merged's gathers
         save_merged(model, out if fed.writes else None, tokenizer=fed.tokenizer)

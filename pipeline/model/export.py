@@ -1,4 +1,5 @@
-"""From a patched model back to plain Hugging Face artifacts: a merged model, a peft adapter."""
+"""From a patched model back to a plain Hugging Face model: the adapters merged into the base
+(the peft adapter format is pipeline.model.peft_format)."""
 from __future__ import annotations
 
 import copy
@@ -6,7 +7,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from transformers import OlmoeForCausalLM
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
@@ -34,33 +34,38 @@ def _warn_if_routing_variant(block: HeteroMoEBlock) -> None:
                           "the merged Hugging Face model routes with the plain router", stacklevel=3)
 
 
-def merge_adapters(model: OlmoeForCausalLM) -> OlmoeForCausalLM:
-    """A plain HF model with s * B @ A (at the active rank) merged into the base weights.
+def merge_adapters(model: OlmoeForCausalLM, lora: bool = True) -> OlmoeForCausalLM:
+    """A plain HF model with s * B @ A (at the active rank) merged into the base weights
+    (`lora=False`: the base weights alone, with any base delta they hold).
 
-    Works on a deep copy; the input model is unchanged. The merged model routes with the
-    config's top-k (`num_experts_per_tok`), as any HF OLMoE does. Under ZeRO-3 the copy is
-    taken from the gathered weights (a collective: every rank of the group calls this).
+    Works on a deep copy; the input model is unchanged. The merged model routes with the blocks'
+    active top-k, written to its config (`num_experts_per_tok`), so `from_pretrained` of a saved
+    copy routes as the patched model did. Under ZeRO-3 the copy is taken from the gathered
+    weights (a collective: every rank of the group calls this).
     """
     with gathered(model.parameters()):
-        return _merge(model)
+        return _merge(model, lora)
 
 
 @torch.no_grad()
-def _merge(model: OlmoeForCausalLM) -> OlmoeForCausalLM:
+def _merge(model: OlmoeForCausalLM, lora: bool = True) -> OlmoeForCausalLM:
     merged = copy.deepcopy(model)
     _drop_zero3_state(merged)
     for layer in merged.model.layers:
         block = layer.mlp
         if isinstance(block, HeteroMoEBlock):
             _warn_if_routing_variant(block)
-            if block.has_lora:
+            block.gate.top_k = block.top_k
+            merged.config.num_experts_per_tok = block.top_k
+            if block.has_lora and lora:
                 block.experts.gate_up_proj += block.expert_delta("gate_up").to(block.experts.gate_up_proj.dtype)
                 block.experts.down_proj += block.expert_delta("down").to(block.experts.down_proj.dtype)
             layer.mlp = _plain_moe_block(block)
         attn = layer.self_attn
         for name, child in list(attn.named_children()):
             if isinstance(child, LoRALinear):
-                child.base.weight += child.delta_weight().to(child.base.weight.dtype)
+                if lora:
+                    child.base.weight += child.delta_weight().to(child.base.weight.dtype)
                 setattr(attn, name, child.base)
     merged.requires_grad_(True)  # as from_pretrained would give it
     return merged
@@ -78,7 +83,8 @@ def _drop_zero3_state(model: nn.Module) -> None:
             delattr(module, name)
 
 
-def save_merged(model: OlmoeForCausalLM, out_dir: str | Path | None, tokenizer=None) -> None:
+def save_merged(model: OlmoeForCausalLM, out_dir: str | Path | None, tokenizer=None,
+                lora: bool = True) -> None:
     """`merge_adapters` + `save_pretrained` (safetensors); `from_pretrained(out_dir)` reloads it.
 
     Under ZeRO-3 every rank of the group must call it; those given `out_dir=None` only take
@@ -87,39 +93,7 @@ def save_merged(model: OlmoeForCausalLM, out_dir: str | Path | None, tokenizer=N
     with gathered(model.parameters()):
         if out_dir is None:
             return
-        merged = _merge(model)
+        merged = _merge(model, lora)
     merged.save_pretrained(str(out_dir), safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out_dir))
-
-
-def export_peft_attention(model: OlmoeForCausalLM, out_dir: str | Path) -> None:
-    """The attention LoRA (at the active rank) in peft's adapter format.
-
-    `PeftModel.from_pretrained(plain_hf_model, out_dir)` loads it. Expert LoRA is not part of
-    it (peft can only express it by materialising W + BA for every expert); merge instead.
-    The tensors are written directly under peft's key names rather than through a PeftModel,
-    which would need a second copy of the whole model.
-    """
-    from peft import LoraConfig  # imported here: peft takes a while to import, and only this needs it
-
-    tensors, targets, ranks, alphas = {}, set(), set(), set()
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            a, b = module.factors()
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().contiguous().clone()
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b.detach().contiguous().clone()
-            targets.add(name.rsplit(".", 1)[-1])
-            ranks.add(module.active_rank)
-            alphas.add(module.scale * module.active_rank)  # peft scales by alpha / r
-    if not tensors:
-        raise ValueError("model has no attention LoRA to export")
-    if len(ranks) > 1 or len(alphas) > 1:
-        raise ValueError(f"attention LoRA with mixed ranks {sorted(ranks)} or alphas {sorted(alphas)}")
-    config = LoraConfig(r=ranks.pop(), lora_alpha=alphas.pop(), target_modules=sorted(targets),
-                        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                        base_model_name_or_path=getattr(model.config, "_name_or_path", None) or None)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out_dir))
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -3,7 +3,7 @@
 peft's `LoraLayer` would do for attention alone, but our adapters must share one naming scheme,
 one init and one active-rank switch with the expert LoRA of `HeteroMoEBlock`, and be plain
 parameters that the federated code reads and writes by name; peft's export format is kept
-available through `export_peft_attention`.
+written and read by pipeline.model.peft_format.
 """
 from __future__ import annotations
 

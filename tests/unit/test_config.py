@@ -35,6 +35,9 @@ def test_overrides_types_and_list_items():
     (["train.precision=fp8"], "train.precision"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["deepspeed.zero_stage=3", "tiers.1.ranks=2", "tiers.1.ep_size=2"], "tiers.1.ep_size"),
+    (["model.init_adapter=/no/such/adapter"], "model.init_adapter"),
+    (["model.init_adapter=3"], "model.init_adapter"),
+    (["model.init_adapter=assets/tiny-olmoe"], "model.init_adapter"),  # a directory, not a peft adapter
 ])
 def test_bad_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as info:

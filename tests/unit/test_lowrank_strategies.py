@@ -145,6 +145,9 @@ def test_state_roundtrip(name):
         assert torch.equal(t.global_adapters[k], v)
     for k, v in s.base_delta().items():
         assert torch.equal(t.base_delta()[k], v)
+    for name in s.tensor_state:  # every further server tensor dict (FLoRA's reset point too)
+        assert getattr(t, name).keys() == getattr(s, name).keys()
+        assert all(torch.equal(getattr(t, name)[k], v) for k, v in getattr(s, name).items())
 
 
 def test_hetlora_tail_norm_is_per_expert_and_empty_at_rank_two():
