@@ -80,10 +80,10 @@ def utilisation_tables(cfg: Config, layout: Layout, schedules: dict[str, list[Pl
         table.add_column("round wall", justify="right")
         table.add_column("GPU util.", justify="right")
         for r in planned[:rounds]:
-            table.add_row(str(r.round), *(f"{b:.1f}" if b else "-" for b in r.busy), f"{r.wall:.1f}",
+            table.add_row(str(r.round), *(_seconds(b) if b else "-" for b in r.busy), _seconds(r.wall),
                           _percent(r.utilisation))
         total = [sum(r.busy[g] for r in planned) for g in range(len(layout.groups))]
-        table.add_row(f"all {len(planned)}", *(f"{b:.1f}" for b in total), f"{sum(r.wall for r in planned):.1f}",
+        table.add_row(f"all {len(planned)}", *(_seconds(b) for b in total), _seconds(sum(r.wall for r in planned)),
                       _percent(mean_utilisation(planned)), style="bold")
         tables.append(table)
     return tables
@@ -102,6 +102,10 @@ def utilisation_report(cfg: Config, layout: Layout, schedules: dict[str, list[Pl
         console.print(f"mean GPU utilisation over {cfg.federation.rounds} rounds: tier "
                       f"{_percent(mean_utilisation(tier))}, balanced {_percent(mean_utilisation(balanced))}; "
                       f"summed round walls balanced / tier = {walls[1] / walls[0]:.2f}")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}" if value >= 1 else f"{value:.3g}"  # a tiny model's rounds take milliseconds
 
 
 def _percent(value: float | None) -> str:
