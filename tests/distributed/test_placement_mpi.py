@@ -4,8 +4,9 @@ Two-round runs of tiny_run.yaml with 3 clients a round (4 on groups of one rank)
 model (nothing measured yet), so it is known in advance: balanced moves a low-tier client onto
 the high tier's larger group, where tier placement keeps it on the low tier's 1-rank group.
 Later rounds are placed by the learned model (wall-clock seconds), whatever it says: the result
-must not depend on it. Uneven groups (`-n 3`: 1 + 2 ranks; `-n 4`: 1 + 3 ranks) train a moved
-client data-parallel, so the bound is 1e-5 on the whole adapter set (as test_equivalence.py);
+must not depend on it. Uneven groups (`-n 3`: 1 + 2 ranks; `-n 4`: 1 + 3 ranks; `-n 3`: 2
+expert-parallel ranks + 1) train a moved client data- or expert-parallel, so the bound is 1e-5 on
+the whole adapter set (as test_equivalence.py and test_expert_parallel_mpi.py);
 groups of one rank each (`-n 2`) end bitwise where one process ends, killed and resumed included.
 """
 import json
@@ -49,17 +50,21 @@ def _run(n, out, overrides):
     assert proc.stdout.count("done: adapters in") == 1
 
 
-@pytest.mark.parametrize("n, high_ranks", [(3, 2), (4, 3)])
-def test_balanced_placement_ends_where_tier_placement_ends_on_uneven_groups(tmp_path, n, high_ranks):
-    layout = [f"tiers.1.ranks={high_ranks}"]
+@pytest.mark.parametrize("n, layout, gpus, moved", [
+    (3, ["tiers.1.ranks=2"], [1, 2], ROUND1_BALANCED),
+    (4, ["tiers.1.ranks=3"], [1, 3], ROUND1_BALANCED),
+    # low: one group of 2 expert-parallel ranks (each holds half the experts), high: 1 rank
+    (3, ["tiers.0.ranks=2", "tiers.0.ep_size=2"], [2, 1], [[0, 3], [2]]),
+], ids=["1+2", "1+3", "ep2+1"])
+def test_balanced_placement_ends_where_tier_placement_ends_on_uneven_groups(tmp_path, n, layout, gpus, moved):
     tier, balanced = tmp_path / "tier", tmp_path / "balanced"
     _run(n, tier, BASE + layout)
     _run(n, balanced, BALANCED + layout)
     placed = [r["placement"] for r in _rounds(tier)], [r["placement"] for r in _rounds(balanced)]
-    assert placed[0][0]["groups"] == ROUND1_TIER and placed[1][0]["groups"] == ROUND1_BALANCED
+    assert placed[0][0]["groups"] == ROUND1_TIER and placed[1][0]["groups"] == moved
     assert placed[0][0]["mode"] == "tier" and placed[1][0]["mode"] == "balanced"
     for p in placed[0] + placed[1]:  # measured busy time and utilisation, logged every round
-        assert p["gpus"] == [1, high_ranks] and len(p["busy_seconds"]) == 2
+        assert p["gpus"] == gpus and len(p["busy_seconds"]) == 2
         assert all(b > 0 for b, g in zip(p["busy_seconds"], p["groups"]) if g)
         assert 0 < p["utilisation"] <= 1
     got, want = _adapters(balanced), _adapters(tier)
