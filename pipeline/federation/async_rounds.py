@@ -100,6 +100,7 @@ class AsyncLoop:
     def resume_at(self, position: clock.Position) -> None:
         """Train again the updates in flight or buffered at the checkpoint, from their versions."""
         self.buffer = list(position.buffered)
+        self._flying = {d.seq for d in position.in_flight}
         again = [self.dispatches[a.seq] for a in position.buffered] + position.in_flight
         for d in sorted(again, key=lambda d: d.seq):
             if self.mine(d.client):
@@ -252,7 +253,6 @@ def _blocks(fed: Federation, start_round: int, fresh: bool, progress, callbacks,
     if at.version != strategy.version:
         raise ConfigError(f"the checkpoint holds version {strategy.version}, the schedule says {at.version} "
                           "at its block: the run's config.yaml was edited")
-    loop._flying = {d.seq for d in at.in_flight}
     loop.resume_at(at)
     for cb in callbacks:
         cb.on_rounds_start(fed, start_round)
