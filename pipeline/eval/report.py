@@ -242,8 +242,11 @@ def write_report(run_dir: Path) -> Path:
     plot_expert_load(data, summary, plots / "expert_load.png")
     plot_train_loss(data, plots / "train_loss.png")
     plot_step_loss(data.clients, data.tiers, _new_figure(8.0, 4.0), plots / "step_loss.png", _save)
+    from pipeline.eval import async_report
+
+    extra = async_report.write_async_plots(run_dir, plots, _new_figure, _save) if async_report.is_async(run_dir) else []
     report = run_dir / "report.md"
     tmp = run_dir / ".report.md.tmp"
-    tmp.write_text(render_markdown(summary))
+    tmp.write_text("\n".join([render_markdown(summary), *extra]))
     os.replace(tmp, report)
     return report

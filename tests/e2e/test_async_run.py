@@ -90,3 +90,56 @@ def test_killed_at_a_random_moment_resumes_bitwise(fedbuff_reference, tmp_path):
     fedmoe("resume", out)
     want, got = _adapters(fedbuff_reference), _adapters(out)
     assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
+
+
+@pytest.mark.slow
+def test_report_shows_participation_and_staleness(fedbuff_reference):
+    import json
+
+    from pipeline.eval import async_report
+
+    text = (fedbuff_reference / "report.md").read_text()
+    assert "## Asynchronous" in text and (fedbuff_reference / "plots" / "accuracy_vs_time.png").is_file()
+    events = [json.loads(x) for x in (fedbuff_reference / "metrics.jsonl").read_text().splitlines()]
+    trained = [e["tier"] for e in events if e["event"] == "client"]  # every update is aggregated once
+    part = async_report.participation(fedbuff_reference)
+    assert part["updates"] == {t: trained.count(t) for t in set(trained)}
+    assert sum(part["staleness"].values()) == len(trained)
+    curve = async_report.accuracy_vs_time(fedbuff_reference)["average"]
+    blocks = {e["round"]: e["virtual_time"] for e in events if e["event"] == "block"}
+    assert [t for t, _ in curve] == [blocks[r] for r in sorted(blocks)]
+
+
+@pytest.mark.slow
+def test_sync_rounds_last_as_long_as_their_slowest_client(tiny_reference):
+    import json
+
+    from pipeline.eval import async_report
+
+    events = [json.loads(x) for x in (tiny_reference / "metrics.jsonl").read_text().splitlines()]
+    durations = async_report.tier_durations(async_report.run_config(tiny_reference))
+    times = async_report.sync_block_times(async_report.run_config(tiny_reference))
+    for e in (e for e in events if e["event"] == "round"):
+        tiers = {c["client"]: c["tier"] for c in events if c["event"] == "client" and c["round"] == e["round"]}
+        assert times[e["round"]] - times[e["round"] - 1] == pytest.approx(max(durations[tiers[c]] for c in e["clients"]))
+
+
+@pytest.mark.slow
+def test_compare_puts_async_beside_sync(fedbuff_reference, tiny_reference, tmp_path):
+    from types import SimpleNamespace
+
+    from matplotlib.figure import Figure
+
+    from pipeline.eval import async_report
+    from pipeline.eval.compare import _save
+
+    (tmp_path / "plots").mkdir()
+    spec = SimpleNamespace(methods={"smoe": [], "fedbuff": []}, seeds=[1], reference="smoe")
+    runs = {("smoe", 1): tiny_reference, ("fedbuff", 1): fedbuff_reference}
+    lines = async_report.compare_section(spec, runs, tmp_path, _save, lambda w, h: Figure(figsize=(w, h)))
+    rows = [x for x in lines if x.startswith("| smoe") or x.startswith("| fedbuff")]
+    assert len(rows) == 2 and "| sync |" in rows[0] and "| async |" in rows[1]
+    sync = async_report.accuracy_vs_time(tiny_reference)["average"]
+    first = next(t for t, acc in sync if acc >= sync[-1][1])
+    assert rows[0].split(" | ")[2] == f"{first:.1f} (1/1 seeds)"
+    assert (tmp_path / "plots" / "accuracy_vs_virtual_time.png").is_file()
