@@ -49,6 +49,13 @@ def check_mode(cfg: Config) -> None:
         k = cfg.algorithm.options.get("buffer_size")
         if isinstance(k, int) and not isinstance(k, bool) and k > fed.clients:
             raise ConfigError(f"algorithm.options.buffer_size: {k} exceeds federation.clients={fed.clients}")
+        big = [i for i, t in enumerate(cfg.tiers) if t.ep_size > 1]
+        if big:
+            raise ConfigError(f"tiers.{big[0]}.ep_size: must be 1 with federation.mode=async "
+                              "(the async methods aggregate whole expert tensors)")
+        if name == "alignfed" and cfg.deepspeed.zero_stage == 3:
+            raise ConfigError("deepspeed.zero_stage: alignfed needs 0, 1 or 2 (its feature loss runs a "
+                              "plain forward of the dispatched version)")
         if fed.clock == "wall":
             raise ConfigError("federation.clock: wall is not implemented yet; use virtual")
 
