@@ -62,6 +62,7 @@ class FederationConfig:
     clock: str = "virtual"  # async: virtual (seeded durations) | wall (real arrival order)
     concurrency: int | None = None  # async: clients in flight at once (default clients_per_round)
     jitter: float = 0.0  # async: a client's duration times a seeded factor in [1 - jitter, 1 + jitter]
+    replay: str | None = None  # async, virtual clock: the durations a run recorded (its metrics.jsonl or directory)
 
 
 @dataclass

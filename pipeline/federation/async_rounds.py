@@ -24,7 +24,7 @@ from pipeline.algorithms.base import STRATEGIES, ClientUpdate
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.eval.divergence import Diverged, Guard
-from pipeline.federation import assembly, clock, evaluation, signals
+from pipeline.federation import assembly, async_durations, clock, evaluation, signals
 from pipeline.federation.assembly import Federation
 from pipeline.federation.callbacks import Callback, ProgressDisplay, Report, Teardown, console
 from pipeline.federation.collectives import PackedSums
@@ -56,41 +56,29 @@ def check_mode(cfg: Config) -> None:
         if name == "alignfed" and cfg.deepspeed.zero_stage == 3:
             raise ConfigError("deepspeed.zero_stage: alignfed needs 0, 1 or 2 (its feature loss runs a "
                               "plain forward of the dispatched version)")
-        if fed.clock == "wall":
-            raise ConfigError("federation.clock: wall is not implemented yet; use virtual")
-
-
-def client_costs(fed: Federation) -> list[float]:
-    """Each client's virtual duration: local steps * its tier's step cost / its tier's speed."""
-    cfg = fed.cfg
-    costs = clock.tier_step_costs(fed.engine.model.config, fed.tiers, cfg.model.lora.rank, cfg.train.max_length,
-                                  cfg.model.lora.experts, cfg.model.lora.attention)
-    return [cfg.train.local_steps * costs[t.index] / cfg.tiers[t.index].speed for t in fed.client_tiers]
-
-
-def run_schedule(fed: Federation) -> list[clock.Event]:
-    cfg, strategy = fed.cfg, fed.strategy
-    per_round = cfg.federation.clients_per_round
-    return clock.schedule(client_costs(fed), cfg.federation.concurrency or per_round,
-                          cfg.federation.rounds * per_round, per_round, strategy.buffer_size,
-                          strategy.t_max, cfg.seed, cfg.federation.jitter)
+        if fed.replay is not None:
+            if fed.clock != "virtual":
+                raise ConfigError("federation.replay: replays recorded durations on the virtual clock; "
+                                  "set federation.clock=virtual")
+            need = fed.rounds * fed.clients_per_round
+            have = len(async_durations.recorded(Path(fed.replay)))
+            if have < need:
+                raise ConfigError(f"federation.replay: {fed.replay} records {have} dispatches, the run needs {need}")
 
 
 class AsyncLoop:
     """Walks the schedule: trains this group's dispatches, aggregates, evaluates, checkpoints."""
 
-    def __init__(self, fed: Federation, events: list[clock.Event], progress: ProgressDisplay | None):
-        self.fed, self.events, self.progress = fed, events, progress
+    def __init__(self, fed: Federation, progress: ProgressDisplay | None):
+        self.fed, self.progress = fed, progress
         self.strategy: AsyncStrategy = fed.strategy
-        self.dispatches = {e.seq: e for e in events if isinstance(e, clock.Dispatch)}
+        self.dispatched: dict[int, clock.Dispatch] = {}  # in flight
+        self.round = 1  # the block being worked on
         self.trained: dict[int, ClientUpdate] = {}  # this group's updates not yet aggregated
         self.buffer: list[clock.Arrival] = []
         self.block: list[ClientUpdate] = []  # the block's aggregated updates (metadata), for tier stats
         self.load: dict[str, torch.Tensor] = {}
         self.owner = self._owners()
-        per_round = fed.cfg.federation.clients_per_round
-        self.block_of = {e.seq: -(-e.index // per_round) for e in events if isinstance(e, clock.Arrival)}
-        self._flying: set[int] = set()
 
     def _owners(self) -> dict[int, int]:
         topology = self.fed.topology
@@ -107,13 +95,15 @@ class AsyncLoop:
     def resume_at(self, position: clock.Position) -> None:
         """Train again the updates in flight or buffered at the checkpoint, from their versions."""
         self.buffer = list(position.buffered)
-        self._flying = {d.seq for d in position.in_flight}
-        again = [self.dispatches[a.seq] for a in position.buffered] + position.in_flight
-        for d in sorted(again, key=lambda d: d.seq):
+        self.dispatched = {d.seq: d for d in position.in_flight}
+        again = [clock.Dispatch(a.seq, a.client, 0.0, a.base_version) for a in position.buffered]
+        for d in sorted(again + position.in_flight, key=lambda d: d.seq):
             if self.mine(d.client):
-                self.trained[d.seq] = self.train(d)
+                update = self.train(d)
+                if update is not None:
+                    self.trained[d.seq] = update
 
-    def train(self, d: clock.Dispatch) -> ClientUpdate:
+    def train(self, d: clock.Dispatch) -> ClientUpdate | None:
         from pipeline.federation.rounds import train_client
 
         strategy = self.strategy
@@ -121,9 +111,12 @@ class AsyncLoop:
         strategy.global_adapters = strategy.versions[d.version]  # the version it was dispatched with
         try:
             update = train_client(self.fed, d.client, d.seq, self.progress)
+        except (RuntimeError, ValueError, FloatingPointError) as exc:  # one bad client must not end the run
+            self.fed.metrics.log("reject", round=self.round, seq=d.seq, client=d.client, reason=f"client raised: {exc}")
+            return None
         finally:
             strategy.global_adapters = current
-        self.fed.metrics.log("client", round=self.block_of[d.seq], seq=d.seq, client=d.client, version=d.version,
+        self.fed.metrics.log("client", round=self.round, seq=d.seq, client=d.client, version=d.version,
                              tier=update.tier.name, top_k=update.top_k, lora_rank=update.lora_rank,
                              n_samples=update.n_samples, **update.metrics)
         return update
@@ -131,7 +124,9 @@ class AsyncLoop:
     def dispatch(self, d: clock.Dispatch) -> None:
         self.strategy.versions.setdefault(d.version, self.strategy.global_adapters)
         if self.mine(d.client):
-            self.trained[d.seq] = self.train(d)
+            update = self.train(d)
+            if update is not None:
+                self.trained[d.seq] = update
 
     def aggregate(self, g: clock.Aggregation) -> None:
         from pipeline.federation.rounds import _from_metadata, _metadata, check_update
@@ -149,7 +144,7 @@ class AsyncLoop:
             a = arrivals[seq]
             reason = check_update(update, strategy.global_adapters)
             if reason:
-                fed.metrics.log("reject", round=seq, client=a.client, reason=reason)
+                fed.metrics.log("reject", round=self.round, seq=seq, client=a.client, reason=reason)
                 continue
             item = Buffered(update, a.base_version, current - a.base_version, a.uploads)
             sums.add(strategy.arrival_contribution(item, strategy.versions[a.base_version]))
@@ -182,18 +177,16 @@ class AsyncLoop:
         """Keep the versions that in-flight or buffered updates trained from, and the current one."""
         strategy = self.strategy
         strategy.versions[strategy.version] = strategy.global_adapters
-        needed = {strategy.version} | {a.base_version for a in self.buffer} | self._in_flight_versions()
+        needed = ({strategy.version} | {a.base_version for a in self.buffer}
+                  | {d.version for d in self.dispatched.values()})
         strategy.versions = {v: t for v, t in strategy.versions.items() if v in needed}
-
-    def _in_flight_versions(self) -> set[int]:
-        return {self.dispatches[s].version for s in self._flying}
 
     def step(self, event: clock.Event) -> None:
         if isinstance(event, clock.Dispatch):
-            self._flying.add(event.seq)
+            self.dispatched[event.seq] = event
             self.dispatch(event)
         elif isinstance(event, clock.Arrival):
-            self._flying.discard(event.seq)
+            self.dispatched.pop(event.seq)
             self.buffer.append(event)
         elif isinstance(event, clock.Aggregation):
             self.aggregate(event)
@@ -233,8 +226,19 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
 def _blocks(fed: Federation, start_round: int, fresh: bool, progress, callbacks, started) -> str:
     cfg, strategy = fed.cfg, fed.strategy
     guard = Guard.for_run(cfg.train, fed.run_dir if not fresh and fed.writes else None)
-    events = run_schedule(fed)
-    loop = AsyncLoop(fed, events, progress)
+    loop = AsyncLoop(fed, progress)
+    known = {}
+    if cfg.federation.replay is not None:
+        known = async_durations.recorded(Path(cfg.federation.replay))
+    elif cfg.federation.clock == "wall" and not fresh and fed.writes:
+        known = async_durations.recorded(fed.run_dir)  # its own, up to the checkpoint
+    if fed.topology is not None and fed.topology.distributed:
+        known = fed.topology.world.bcast(known, root=0)
+    durations = async_durations.Durations(fed, loop, known)
+    per_round = cfg.federation.clients_per_round
+    events = clock.run_events(durations, cfg.federation.clients, cfg.federation.concurrency or per_round,
+                              cfg.federation.rounds * per_round, per_round, strategy.buffer_size,
+                              strategy.t_max, cfg.seed)
 
     def evaluated(round_: int) -> str | None:
         rows = evaluation.evaluate_round(fed, round_)
@@ -256,7 +260,14 @@ def _blocks(fed: Federation, start_round: int, fresh: bool, progress, callbacks,
         if started is not None and fed.writes:
             started()
         start_round = 1
-    at = clock.position(events, start_round - 1)
+    durations.replaying = True  # the events before the checkpoint, again: nothing trained or logged
+    done: list[clock.Event] = []
+    for event in events if start_round > 1 else ():
+        done.append(event)
+        if isinstance(event, clock.Boundary) and event.round == start_round - 1:
+            break
+    at = clock.position(done, start_round - 1)
+    durations.replaying = False
     if at.version != strategy.version:
         raise ConfigError(f"the checkpoint holds version {strategy.version}, the schedule says {at.version} "
                           "at its block: the run's config.yaml was edited")
@@ -265,11 +276,13 @@ def _blocks(fed: Federation, start_round: int, fresh: bool, progress, callbacks,
         cb.on_rounds_start(fed, start_round)
     rounds = cfg.federation.rounds
     start = time.perf_counter()
-    for event in events[at.next_event:]:
+    loop.round = start_round
+    for event in events:
         if not isinstance(event, clock.Boundary):
             loop.step(event)
             continue
         round_ = event.round
+        loop.round = round_ + 1
         loop.block_stats()
         fed.metrics.log("round", round=round_, seconds=time.perf_counter() - start, tiers=fed.tier_stats)
         fed.metrics.log("block", round=round_, virtual_time=event.time, version=event.version)

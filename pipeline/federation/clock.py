@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -68,71 +68,75 @@ def durations_factor(seed: int, seq: int, jitter: float) -> float:
 
 
 def schedule(client_cost: Sequence[float], concurrency: int, total: int, per_round: int,
-             buffer_size: int, t_max: float | None, seed: int, jitter: float = 0.0,
-             order: Sequence[int] | None = None) -> list[Event]:
-    """The run's events in order. `client_cost[c]`: client c's virtual duration (before jitter);
-    `total` updates are trained in all, `concurrency` at once; the server aggregates when
-    `buffer_size` updates are buffered or `t_max` has passed since its last aggregation (with
-    one buffered), and once more after the last arrival. `order`: the arrival order of the
-    dispatches (seqs) as a wall-clock run recorded it, replacing the virtual finishing times."""
-    n = len(client_cost)
-    events: list[Event] = []
-    heap: list[tuple[float, int, int, int]] = []  # (finish time or replay rank, seq, client, version)
+             buffer_size: int, t_max: float | None, seed: int, jitter: float = 0.0) -> list[Event]:
+    """The run's events in order on the virtual clock. `client_cost[c]`: client c's duration
+    before jitter; the rest as `run_events`."""
+    return list(run_events(lambda seq, client: client_cost[client] * durations_factor(seed, seq, jitter),
+                           len(client_cost), concurrency, total, per_round, buffer_size, t_max, seed))
+
+
+def run_events(duration: Callable[[int, int], float], clients: int, concurrency: int, total: int,
+               per_round: int, buffer_size: int, t_max: float | None, seed: int) -> Iterator[Event]:
+    """The run's events in order, lazily: `duration(seq, client)` is asked after the Dispatch is
+    yielded (and, at the start, after all `concurrency` first Dispatches are), so that a wall
+    clock can train the client and answer with the seconds it took. `total` updates are trained
+    in all, `concurrency` at once; the server aggregates when `buffer_size` updates are buffered
+    or `t_max` has passed since its last aggregation (with one buffered), and once more after the
+    last arrival. Ties in arrival time go to the earlier dispatch."""
+    heap: list[tuple[float, int, int, int]] = []  # (finish time, seq, client, base version)
     busy: set[int] = set()
-    rank = {s: i for i, s in enumerate(order)} if order is not None else None
     state = {"t": 0.0, "version": 0, "dispatched": 0, "last": 0.0}
     buffer: list[int] = []
-    uploads = [0] * n
+    uploads: dict[int, int] = {}
     arrived = 0
 
-    def dispatch() -> None:
+    def dispatch() -> Dispatch:
         seq = state["dispatched"]
-        idle = [c for c in range(n) if c not in busy]
+        idle = [c for c in range(clients) if c not in busy]
         client = idle[int(np.random.default_rng(derive_seed(seed, DISPATCH, seq)).integers(len(idle)))]
         busy.add(client)
-        finish = state["t"] + client_cost[client] * durations_factor(seed, seq, jitter)
-        key = float(rank[seq]) if rank is not None else finish
-        heapq.heappush(heap, (key, seq, client, state["version"]))
-        events.append(Dispatch(seq, client, state["t"], state["version"]))
         state["dispatched"] += 1
+        return Dispatch(seq, client, state["t"], state["version"])
 
-    def aggregate(reason: str) -> None:
+    def start(d: Dispatch) -> None:
+        heapq.heappush(heap, (d.time + duration(d.seq, d.client), d.seq, d.client, d.version))
+
+    def aggregate(reason: str) -> Aggregation:
         state["version"] += 1
         state["last"] = state["t"]
-        events.append(Aggregation(state["t"], state["version"], tuple(buffer), reason))
+        event = Aggregation(state["t"], state["version"], tuple(buffer), reason)
         buffer.clear()
+        return event
 
+    first = []
     for _ in range(min(concurrency, total)):
-        dispatch()
+        first.append(dispatch())
+        yield first[-1]
+    for d in first:
+        start(d)
     while heap:
-        key, seq, client, version = heap[0]
-        finish = key if rank is None else max(state["t"], _finish_time(events, seq, client_cost, seed, jitter))
+        finish, seq, client, version = heap[0]
         if t_max is not None and buffer and state["last"] + t_max < finish:
             state["t"] = state["last"] + t_max  # the timer fires before the next arrival
-            aggregate("timer")
+            yield aggregate("timer")
             continue
         heapq.heappop(heap)
         state["t"] = finish
         busy.discard(client)
         arrived += 1
-        events.append(Arrival(seq, client, finish, version, uploads[client], arrived))
-        uploads[client] += 1
+        yield Arrival(seq, client, finish, version, uploads.get(client, 0), arrived)
+        uploads[client] = uploads.get(client, 0) + 1
         buffer.append(seq)
         if len(buffer) >= buffer_size or (t_max is not None and state["t"] - state["last"] >= t_max):
-            aggregate("buffer" if len(buffer) >= buffer_size else "timer")
+            yield aggregate("buffer" if len(buffer) >= buffer_size else "timer")
         if state["dispatched"] < total:
-            dispatch()
+            d = dispatch()
+            yield d
+            start(d)
         if arrived == total and buffer:
-            aggregate("end")
+            yield aggregate("end")
         if arrived % per_round == 0 or arrived == total:
-            events.append(Boundary(-(-arrived // per_round), state["t"], state["version"]))
-    return events
-
-
-def _finish_time(events, seq, client_cost, seed, jitter) -> float:
-    """A replayed dispatch's virtual finishing time (its order is given; its time still counts)."""
-    d = next(e for e in events if isinstance(e, Dispatch) and e.seq == seq)
-    return d.time + client_cost[d.client] * durations_factor(seed, seq, jitter)
+            yield Boundary(-(-arrived // per_round), state["t"], state["version"])
 
 
 @dataclass

@@ -143,3 +143,33 @@ def test_compare_puts_async_beside_sync(fedbuff_reference, tiny_reference, tmp_p
     first = next(t for t, acc in sync if acc >= sync[-1][1])
     assert rows[0].split(" | ")[2] == f"{first:.1f} (1/1 seeds)"
     assert (tmp_path / "plots" / "accuracy_vs_virtual_time.png").is_file()
+
+
+WALL = [*ASYNC, "--set", "algorithm.name=alignfed", "--set", "algorithm.options.buffer_size=2",
+        "--set", "algorithm.options.t_max=0.5", "--set", "algorithm.options.align_steps=1",
+        "--set", "federation.concurrency=3", "--set", "federation.rounds=2", "--set", "checkpoint.save_merged=false"]
+
+
+@pytest.mark.slow
+def test_wall_clock_run_replays_on_the_virtual_clock(tmp_path):
+    import json
+
+    wall, replay = tmp_path / "wall", tmp_path / "replay"
+    fedmoe("run", "--config", TINY, *WALL, "--set", "federation.clock=wall", "--out", wall)
+    fedmoe("run", "--config", TINY, *WALL, "--set", f"federation.replay={wall}", "--out", replay)
+    a, b = _adapters(wall), _adapters(replay)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    events = [json.loads(x) for x in (wall / "metrics.jsonl").read_text().splitlines()]
+    seconds = {e["seq"]: e["seconds"] for e in events if e["event"] == "client"}
+    durations = {e["seq"]: e["duration"] for e in events if e["event"] == "dispatch"}
+    assert durations == seconds  # the wall clock's durations are the measured training seconds
+    order = [s for e in events if e["event"] == "aggregate" for s in e["seqs"]]
+    assert sorted(order) == list(range(4))
+
+
+def test_replay_of_a_short_record_is_refused(capsys, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"event": "dispatch", "seq": 0, "duration": 1.0}\n')
+    _fails(capsys, ["run", "--config", TINY, *ASYNC, "--set", "algorithm.name=fedbuff",
+                    "--set", f"federation.replay={tmp_path}", "--out", tmp_path / "r"],
+           "federation.replay: ")
+    assert not (tmp_path / "r").exists()

@@ -67,7 +67,7 @@ def test_clients_train_from_their_dispatch_version_and_fedbuff_matches_a_replay(
     seen = {}
     install_client(monkeypatch, seen)
     strategy = new_strategy()
-    loop = async_rounds.AsyncLoop(fake_fed(strategy), EVENTS, None)
+    loop = async_rounds.AsyncLoop(fake_fed(strategy), None)
     loop.resume_at(clock.position(EVENTS, 0))
     run_loop(loop, EVENTS)
     # the direct replay: versions made one by one from the schedule
@@ -91,13 +91,13 @@ def test_clients_train_from_their_dispatch_version_and_fedbuff_matches_a_replay(
 
 def test_resuming_from_each_block_ends_bitwise(monkeypatch):
     install_client(monkeypatch, {})
-    whole = async_rounds.AsyncLoop(fake_fed(new_strategy()), EVENTS, None)
+    whole = async_rounds.AsyncLoop(fake_fed(new_strategy()), None)
     whole.resume_at(clock.position(EVENTS, 0))
     run_loop(whole, EVENTS)
     blocks = max(e.round for e in EVENTS if isinstance(e, Boundary))
     stale_saved = False
     for block in range(1, blocks):
-        first = async_rounds.AsyncLoop(fake_fed(new_strategy()), EVENTS, None)
+        first = async_rounds.AsyncLoop(fake_fed(new_strategy()), None)
         at = clock.position(EVENTS, block)
         first.resume_at(clock.position(EVENTS, 0))
         run_loop(first, EVENTS[:at.next_event])
@@ -106,7 +106,7 @@ def test_resuming_from_each_block_ends_bitwise(monkeypatch):
         restored = build_strategy("fedbuff", {"buffer_size": 2}, INFO, [TIER])
         restored.load_state_dict({"tensors": {k: v.clone() for k, v in saved["tensors"].items()},
                                   "meta": saved["meta"]})
-        again = async_rounds.AsyncLoop(fake_fed(restored), EVENTS, None)
+        again = async_rounds.AsyncLoop(fake_fed(restored), None)
         again.resume_at(at)
         run_loop(again, EVENTS[at.next_event:])
         assert all(torch.equal(restored.global_adapters[k], whole.strategy.global_adapters[k]) for k in KEYS), block
