@@ -120,6 +120,7 @@ class AlignFed(AsyncStrategy):
         v = f"v{item.base_version}"
         out = {f"{v}/w/{k}": t * e for k, t in d.items()}
         out[f"{v}/weight"] = finite_weight(e)
+        out[f"tier/{item.update.tier.name}"] = finite_weight(e)  # for the record: each tier's weight share
         if self.options["center"]:
             out.update({f"{v}/n/{k}": t for k, t in d.items()})
             out[f"{v}/count"] = finite_weight(1.0)
@@ -146,6 +147,8 @@ class AlignFed(AsyncStrategy):
                 step[k] = step[k] + t if k in step else t
             metrics["groups"][str(v)] = info
         self.global_adapters = add_to(self.global_adapters, {k: t / total for k, t in step.items()})
+        metrics["tier_weight"] = {k[len("tier/"):]: v.item() / total for k, v in sorted(sums.items())
+                                  if k.startswith("tier/")}
         return metrics
 
     def fit_map(self, base: dict[str, Tensor], mean_delta: dict[str, Tensor], ops) -> tuple[dict, list[float]]:

@@ -106,8 +106,11 @@ def participation(run_dir: Path, events: list[dict] | None = None) -> dict:
                 counts[e["tier"]] = counts.get(e["tier"], 0) + 1
                 stale[0] = stale.get(0, 0) + 1
     total = sum(counts.values()) or 1
+    weighted = [a["strategy"]["tier_weight"] for a in aggs if "tier_weight" in a.get("strategy", {})]
+    weight = ({t: sum(w.get(t, 0.0) for w in weighted) / len(weighted) for t in counts} if weighted else None)
     return {"updates": counts, "share": {t: n / total for t, n in counts.items()},
-            "staleness": dict(sorted(stale.items())), "aggregations": len(aggs)}
+            "staleness": dict(sorted(stale.items())), "aggregations": len(aggs),
+            "weight_share": weight}  # AlignFed: each tier's mean share of an aggregation's weight
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,6 +146,9 @@ def write_async_plots(run_dir: Path, plots: Path, new_figure, save) -> list[str]
              f"mean staleness {np.mean(taus) if taus else 0:.2f} versions (max {max(taus, default=0)})",
              "- share of aggregated updates per tier: "
              + ", ".join(f"{t} {100 * s:.0f}%" for t, s in part["share"].items()),
+             *(["- mean share of an aggregation's weight per tier: "
+                + ", ".join(f"{t} {100 * s:.0f}%" for t, s in part["weight_share"].items())]
+               if part["weight_share"] else []),
              "", "![accuracy against virtual time](plots/accuracy_vs_time.png)", "",
              "![updates per tier and staleness](plots/async_updates.png)", ""]
     return lines
@@ -166,18 +172,22 @@ def compare_section(spec, runs: dict, out: Path, save, figure) -> list[str]:
     reference = spec.reference or methods[0]
     rows = []
     for m in methods:
-        reach, ends, shares, finals = [], [], [], []
+        reach, ends, shares, finals, weights = [], [], [], [], []
         for s in spec.seeds:
             target = curves[(reference, s)][-1][1]
             reach.append(time_to_reach(curves[(m, s)], target))
             ends.append(curves[(m, s)][-1][0])
             finals.append(curves[(m, s)][-1][1])
-            shares.append(participation(runs[(m, s)])["share"].get(slowest, 0.0))
+            part = participation(runs[(m, s)])
+            shares.append(part["share"].get(slowest, 0.0))
+            if part["weight_share"] is not None:
+                weights.append(part["weight_share"].get(slowest, 0.0))
         got = [r for r in reach if r is not None]
         mode = "async" if is_async(runs[(m, spec.seeds[0])]) else "sync"
         reached = f"{np.mean(got):.1f} ({len(got)}/{len(reach)} seeds)" if got else f"never (0/{len(reach)})"
+        weight = f"{100 * np.mean(weights):.0f}%" if weights else "-"
         rows.append(f"| {m} | {mode} | {reached} | {np.mean(ends):.1f} | {100 * np.mean(finals):.1f} "
-                    f"| {100 * np.mean(shares):.0f}% |")
+                    f"| {100 * np.mean(shares):.0f}% | {weight} |")
     fig = figure(7, 4)
     ax = fig.add_subplot()
     for m in methods:
@@ -194,7 +204,9 @@ def compare_section(spec, runs: dict, out: Path, save, figure) -> list[str]:
             f"Tier speeds {speeds}; slowest tier on the virtual clock: {slowest}. A synchronous "
             "round lasts as long as its slowest sampled client. Time to reach: the first evaluation "
             f"at which the average over tiers reaches {reference}'s final accuracy of the same seed "
-            "(mean over the seeds that reach it).", "",
+            "(mean over the seeds that reach it). Share of the weight: AlignFed's fairness weights, "
+            "the tier's mean share per aggregation.", "",
             f"| method | mode | time to reach {reference}'s final | final virtual time | final avg accuracy "
-            f"| {slowest}'s share of updates |", "|---|---|---|---|---|---|", *rows, "",
+            f"| {slowest}'s share of updates | {slowest}'s share of the weight |", "|---|---|---|---|---|---|---|",
+            *rows, "",
             "![accuracy against virtual time](plots/accuracy_vs_virtual_time.png)", ""]

@@ -89,6 +89,7 @@ def test_alignfed_fairness_softmax_and_version_grouping():
                                    for i, it in enumerate(items)) for k in x}
     assert close(s.global_adapters, want)
     assert metrics["groups"]["3"]["share"] == pytest.approx(float(w[1]))
+    assert metrics["tier_weight"] == pytest.approx({"low": float(w[0] + w[2]), "high": float(w[1])})
 
 
 def test_identity_map_leaves_an_up_to_date_update_unchanged():
