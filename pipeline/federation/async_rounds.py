@@ -1,7 +1,9 @@
 """The asynchronous run (`federation.mode: async`): clients train from the version they were
-dispatched with and report on a virtual clock; the server aggregates stale updates (docs/async.md).
+dispatched with and report on a clock; the server aggregates stale updates (docs/async.md).
 
-The schedule (clock.py) is known before training. A client is trained when it is dispatched,
+The events come from clock.run_events: on the virtual clock they follow from the config and the
+seed alone; on the wall clock each dispatch's duration is its measured training time
+(async_durations.py). A client is trained when it is dispatched,
 from the current global adapters, and its update waits until its arrival and the aggregation
 that takes it. Under MPI each client group trains its own clients (a fixed client -> group
 map), and every aggregation is one collective over the groups' contributions, as a sync
