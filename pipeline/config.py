@@ -48,6 +48,7 @@ class TierConfig:
     ranks: int = 1  # MPI ranks (GPUs) per client group of this tier; one group = one DeepSpeed engine
     ep_size: int = 1  # expert parallelism in a group: each rank holds experts/ep_size experts (divides ranks and the expert count)
     gpu_memory_gb: float = 80.0  # memory of each of its GPUs (GiB): `fedmoe plan` checks the estimate fits
+    speed: float = 1.0  # async: hardware speed; a client's virtual duration is steps * step cost / speed (docs/async.md)
 
 
 @dataclass
@@ -59,6 +60,11 @@ class FederationConfig:
     master_port: int | None = None  # under MPI: group i's torch.distributed port is this + i (None: a free port)
     collective_timeout: float = 1800.0  # seconds a cross-group collective may wait before aborting the job; 0: never
     placement: str = "tier"  # tier | balanced: which client group trains which client (docs/placement.md)
+    mode: str = "sync"  # sync (rounds) | async (clients report on a clock, docs/async.md)
+    clock: str = "virtual"  # async: virtual (seeded durations) | wall (real arrival order)
+    concurrency: int | None = None  # async: clients in flight at once (default clients_per_round)
+    jitter: float = 0.0  # async: a client's duration times a seeded factor in [1 - jitter, 1 + jitter]
+    replay: str | None = None  # async, virtual clock: the durations a run recorded (its metrics.jsonl or directory)
 
 
 @dataclass
@@ -307,6 +313,7 @@ def validate(cfg: Config) -> None:
         _check(tier.ep_size >= 1 and tier.ranks % tier.ep_size == 0, f"tiers.{i}.ep_size",
                f"must be a divisor of tiers.{i}.ranks={tier.ranks}, got {tier.ep_size}")
         _check(tier.gpu_memory_gb > 0, f"tiers.{i}.gpu_memory_gb", f"must be > 0, got {tier.gpu_memory_gb}")
+        _check(tier.speed > 0, f"tiers.{i}.speed", f"must be > 0, got {tier.speed}")
     fed = cfg.federation
     _check(fed.rounds >= 1, "federation.rounds", f"must be >= 1, got {fed.rounds}")
     _check(fed.clients >= 1, "federation.clients", f"must be >= 1, got {fed.clients}")
@@ -319,6 +326,11 @@ def validate(cfg: Config) -> None:
     _check(fed.collective_timeout >= 0, "federation.collective_timeout", "must be >= 0 (0: no limit)")
     _check(fed.placement in ("tier", "balanced"), "federation.placement",
            f"must be tier or balanced, got {fed.placement!r}")
+    _check(fed.mode in ("sync", "async"), "federation.mode", f"must be sync or async, got {fed.mode!r}")
+    _check(fed.clock in ("virtual", "wall"), "federation.clock", f"must be virtual or wall, got {fed.clock!r}")
+    _check(fed.concurrency is None or 1 <= fed.concurrency <= fed.clients, "federation.concurrency",
+           f"must be in [1, federation.clients={fed.clients}], got {fed.concurrency}")
+    _check(0 <= fed.jitter < 1, "federation.jitter", f"must be in [0, 1), got {fed.jitter}")
     tr = cfg.train
     _check(tr.local_steps >= 1, "train.local_steps", f"must be >= 1, got {tr.local_steps}")
     _check(tr.batch_size >= 1, "train.batch_size", f"must be >= 1, got {tr.batch_size}")

@@ -282,7 +282,10 @@ def compare(spec_path: Path, out: Path, jobs: int, extra: list[str], command: st
     result = summarise(spec, runs)
     (out / "summary.json").write_text(json.dumps(result, indent=1))
     plot_all(spec, result, runs, out)
+    from pipeline.eval.async_report import compare_section  # accuracy against virtual time
+
+    extra = compare_section(spec, runs, out, _save, lambda w, h: Figure(figsize=(w, h)))
     path = out / "compare.md"
-    path.write_text(markdown(spec, result, command))
+    path.write_text("\n".join([markdown(spec, result, command), *extra]))
     console.print(path.read_text().split("\n\n![")[0])
     return path

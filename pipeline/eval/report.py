@@ -251,8 +251,9 @@ def write_report(run_dir: Path) -> Path:
     events = read_metrics(run_dir)
     plot_utilisation(events, _new_figure(6.4, 5.0), plots / "utilisation.png", _save)
     summary["utilisation"] = mean_utilisation(events)
+    extra = async_report.write_async_plots(run_dir, plots, _new_figure, _save) if async_report.is_async(run_dir) else []
     report = run_dir / "report.md"
     tmp = run_dir / ".report.md.tmp"
-    tmp.write_text(render_markdown(summary))
+    tmp.write_text("\n".join([render_markdown(summary), *extra]))
     os.replace(tmp, report)
     return report

@@ -51,6 +51,9 @@ class Federation:
 def setup(cfg: Config):
     """Model, tokenizer, tiers, strategy (with its initial state) and data: all a run reads."""
     check_method(cfg.algorithm.name, cfg.algorithm.options)  # before the model loads
+    from pipeline.federation.async_rounds import check_mode
+
+    check_mode(cfg)  # the method fits federation.mode
     use_deterministic_kernels(cfg.train.deterministic)
     model, tokenizer = load_patched_model(cfg.model)
     torch.manual_seed(cfg.seed)  # nothing should draw from it; pinned anyway

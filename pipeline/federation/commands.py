@@ -10,9 +10,18 @@ from pipeline.engine.client import check_deepspeed_config
 from pipeline.federation import restore, rundir, signals
 from pipeline.federation.assembly import setup
 from pipeline.federation.callbacks import console
-from pipeline.federation.rounds import execute
+from pipeline.federation.rounds import execute as execute_sync
 from pipeline.federation.rundir import on_writer
 from pipeline.federation.topology import current_topology
+
+
+def execute(cfg: Config, *args, **kwargs):
+    """The round loop of the run's federation.mode."""
+    if cfg.federation.mode == "async":
+        from pipeline.federation.async_rounds import execute as execute_async
+
+        return execute_async(cfg, *args, **kwargs)
+    return execute_sync(cfg, *args, **kwargs)
 
 
 def start_run(cfg: Config, out: Path, overwrite: bool) -> Path:
