@@ -23,6 +23,7 @@ from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from pipeline.eval import async_report
 from pipeline.eval.balance import LOW_LOAD
 from pipeline.eval.metrics import is_number, percent, read_metrics
 from pipeline.eval.step_loss import plot_step_loss
