@@ -20,15 +20,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint
 from pipeline.algorithms.asynchronous import AsyncStrategy, Buffered, is_async
 from pipeline.algorithms.base import STRATEGIES, ClientUpdate
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.eval.divergence import Diverged, Guard
-from pipeline.federation import assembly, async_durations, clock, evaluation, signals
+from pipeline.federation import async_durations, clock, evaluation, rounds, signals
 from pipeline.federation.assembly import Federation
-from pipeline.federation.callbacks import Callback, ProgressDisplay, Report, Teardown, console
+from pipeline.federation.callbacks import ProgressDisplay, console
 from pipeline.federation.collectives import PackedSums
 from pipeline.federation.distributed import reduce_round
 from pipeline.federation.outputs import save_round, write_final
@@ -106,13 +105,11 @@ class AsyncLoop:
                     self.trained[d.seq] = update
 
     def train(self, d: clock.Dispatch) -> ClientUpdate | None:
-        from pipeline.federation.rounds import train_client
-
         strategy = self.strategy
         current = strategy.global_adapters
         strategy.global_adapters = strategy.versions[d.version]  # the version it was dispatched with
         try:
-            update = train_client(self.fed, d.client, d.seq, self.progress)
+            update = rounds.train_client(self.fed, d.client, d.seq, self.progress)
         except (RuntimeError, ValueError, FloatingPointError) as exc:  # one bad client must not end the run
             self.fed.metrics.log("reject", round=self.round, seq=d.seq, client=d.client, reason=f"client raised: {exc}")
             return None
@@ -131,8 +128,6 @@ class AsyncLoop:
                 self.trained[d.seq] = update
 
     def aggregate(self, g: clock.Aggregation) -> None:
-        from pipeline.federation.rounds import _from_metadata, _metadata, check_update
-
         fed, strategy = self.fed, self.strategy
         current = g.version - 1
         sums = PackedSums(fed.sums_layout)
@@ -144,7 +139,7 @@ class AsyncLoop:
             if update is None:  # another group's
                 continue
             a = arrivals[seq]
-            reason = check_update(update, strategy.global_adapters)
+            reason = rounds.check_update(update, strategy.global_adapters)
             if reason:
                 fed.metrics.log("reject", round=self.round, seq=seq, client=a.client, reason=reason)
                 continue
@@ -152,12 +147,12 @@ class AsyncLoop:
             sums.add(strategy.arrival_contribution(item, strategy.versions[a.base_version]))
             load[update.tier.name] = load.get(update.tier.name, 0) + update.expert_token_counts
             accepted.append(seq)
-            records.append(_metadata(update))
+            records.append(rounds.update_record(update))
         packed = sums
         sums, load, accepted, records = reduce_round(fed.topology, fed.cfg.federation.collective_timeout,
                                                      fed.metrics, packed, load, accepted, records)
         fed.sums_layout = packed.spec
-        records = [_from_metadata(r) for r in records]  # without tensors: for the block's tier stats
+        records = [rounds.update_from_record(r) for r in records]  # without tensors: for the block's tier stats
         own = {}
         if accepted:
             own = strategy.aggregate(sums, {a.base_version: strategy.versions[a.base_version]
@@ -194,35 +189,16 @@ class AsyncLoop:
             self.aggregate(event)
 
     def block_stats(self) -> None:
-        from pipeline.federation.rounds import tier_training_stats
-
         if self.block:
-            self.fed.tier_stats = tier_training_stats(self.fed, self.block, self.load)
+            self.fed.tier_stats = rounds.tier_training_stats(self.fed, self.block, self.load)
         self.block, self.load = [], {}
 
 
 def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | None,
             state: Path | None, parts=None, started=None) -> Path | None:
-    """As rounds.execute, for federation.mode=async."""
-    fed = assembly.build(cfg, run_dir, resume_offset, parts)
-    strategy: AsyncStrategy = fed.strategy
-    if state is not None:
-        tensors, meta = checkpoint.load_checkpoint(state)
-        strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
-    fed.metrics.log("run", status="resumed" if state else "started", round=start_round, mode="async",
-                    threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled(),
-                    torch=torch.__version__)
-    from pipeline.federation.rounds import log_data
-
-    log_data(fed)
-    progress = ProgressDisplay(cfg.logging.progress and fed.writes)
-    callbacks: list[Callback] = [progress, Teardown(), Report()]
-    try:
-        status = _blocks(fed, start_round, state is None, progress, callbacks, started)
-    finally:
-        for cb in callbacks:
-            cb.on_exit(fed)
-    return fed.run_dir / "final" if status == "finished" else None
+    """As rounds.execute (the same setup, resume and callbacks), for federation.mode=async."""
+    return rounds.execute(cfg, run_dir, start_round, resume_offset, state, parts, started,
+                          body=_blocks, mode="async")
 
 
 def _blocks(fed: Federation, start_round: int, fresh: bool, progress, callbacks, started) -> str:

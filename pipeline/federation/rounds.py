@@ -114,8 +114,8 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
     distributed = fed.topology is not None and fed.topology.distributed
     sums, load, accepted, records = reduce_round(
         fed.topology, cfg.federation.collective_timeout, fed.metrics, packed, load, accepted,
-        [_metadata(u) for u in updates] if distributed else updates, fed.shards)
-    updates = sorted(map(_from_metadata, records), key=lambda u: u.client_id) if distributed else records
+        [update_record(u) for u in updates] if distributed else updates, fed.shards)
+    updates = sorted(map(update_from_record, records), key=lambda u: u.client_id) if distributed else records
     fed.sums_layout = packed.spec
     if len(accepted) < cfg.federation.min_clients:
         raise RoundFailed(f"round {round_}: {len(accepted)} of {len(clients)} clients reported, "
@@ -130,13 +130,13 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
     return load
 
 
-def _metadata(update: ClientUpdate) -> ClientUpdate:
+def update_record(update: ClientUpdate) -> ClientUpdate:
     """An update without its tensors, for the round's metadata gather (counts as a numpy array)."""
     return dataclasses.replace(update, adapters={}, extras={},
                                expert_token_counts=update.expert_token_counts.numpy())
 
 
-def _from_metadata(update: ClientUpdate) -> ClientUpdate:
+def update_from_record(update: ClientUpdate) -> ClientUpdate:
     return dataclasses.replace(update, expert_token_counts=torch.from_numpy(update.expert_token_counts))
 
 
@@ -172,10 +172,11 @@ def tier_training_stats(fed: Federation, updates: list[ClientUpdate], load: dict
 
 
 def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | None,
-            state: Path | None, parts=None, started=None) -> Path | None:
+            state: Path | None, parts=None, started=None, body=None, **record) -> Path | None:
     """Run rounds start_round..rounds; `state` is the checkpoint to resume (None: a fresh run),
     of which a rank with expert shards reads only its experts' rows. `started()` is called
-    once a fresh run's round 0 is saved."""
+    once a fresh run's round 0 is saved. `body` replaces the synchronous round loop (the async
+    one, async_rounds.py); `record` adds fields to the run's start record."""
     fed = assembly.build(cfg, run_dir, resume_offset, parts)
     if state is not None:
         tensors, meta = checkpoint.load_checkpoint(state, fed.shards.range if fed.shards else None)
@@ -184,14 +185,14 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
         if fed.placement is not None:  # the cost model as the checkpointed round left it
             fed.placement.load_state_dict(meta.get("placement"))
     # The bits are reproducible for a given thread count and library versions: record both.
-    fed.metrics.log("run", status="resumed" if state else "started", round=start_round,
+    fed.metrics.log("run", status="resumed" if state else "started", round=start_round, **record,
                     threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled(),
                     torch=torch.__version__)
     log_data(fed)
     progress = ProgressDisplay(cfg.logging.progress and fed.writes)
     callbacks: list[Callback] = [progress, Teardown(), Report()]
     try:
-        status = _rounds(fed, start_round, state is None, progress, callbacks, started)
+        status = (body or _rounds)(fed, start_round, state is None, progress, callbacks, started)
     finally:
         for cb in callbacks:
             cb.on_exit(fed)
