@@ -125,11 +125,16 @@ def max_difference(a_path: Path, b_path: Path) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--clients", type=int, default=8, help="a smaller workload for a busy machine")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     args = ap.parse_args()
+    os.environ.update(PEER_CLIENTS=str(args.clients), PEER_STEPS=str(args.steps), PEER_ROUNDS=str(args.rounds))
     names = ["plain"] + [n for n in args.only if n != "plain"]
     print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
-          f"{os.cpu_count()} CPUs; repeats {args.repeats}", flush=True)
+          f"{os.cpu_count()} CPUs; repeats {args.repeats}; {args.clients} clients x {args.steps} steps "
+          f"x {args.rounds} rounds", flush=True)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="peer-flower-") as tmp:
         for rep in range(args.repeats):
@@ -145,7 +150,7 @@ def main() -> None:
         for name, rs in runs.items():
             med = lambda f: statistics.median(f(r) for r in rs)  # noqa: E731
             rows[name] = dict(round=med(lambda r: statistics.mean(r["rounds"])),
-                              steady=med(lambda r: statistics.mean(r["rounds"][1:])),
+                              steady=med(lambda r: statistics.mean(r["rounds"][1:] or r["rounds"])),
                               setup=med(lambda r: r["setup"]), whole=med(lambda r: r["whole"]),
                               largest=max(r["largest"] for r in rs) / 2**20, tree=max(r["tree"] for r in rs) / 2**20,
                               diff=max_difference(rs[-1]["adapters"], runs["plain"][-1]["adapters"]))

@@ -12,6 +12,8 @@ The plain loop and Flower's clients train Hugging Face's OLMoE with peft's LoRA 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 from transformers import OlmoeConfig
@@ -23,7 +25,9 @@ MODEL = dict(vocab_size=512, hidden_size=128, intermediate_size=64, num_hidden_l
              num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=4,
              max_position_embeddings=256, norm_topk_prob=False, pad_token_id=0, eos_token_id=None)
 RANK, ALPHA = 8, 16.0
-CLIENTS, STEPS, BATCH, SEQ, ROUNDS = 8, 10, 8, 128, 3
+BATCH, SEQ = 8, 128
+# A smaller run for a busy machine: bench/peer_flower.py --clients/--steps/--rounds set these.
+CLIENTS, STEPS, ROUNDS = (int(os.environ.get(f"PEER_{k}", d)) for k, d in (("CLIENTS", 8), ("STEPS", 10), ("ROUNDS", 3)))
 LR, GRAD_CLIP = 2e-3, 1.0  # fedmoe's defaults (weight decay 0); the peft loops use the same
 ROWS = STEPS * BATCH  # random sequences a client holds; each round walks a fresh permutation
 DATA_STREAM = 100  # a seed stream of our own for the random tokens
@@ -163,8 +167,6 @@ def flower_train(msg, context):
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
     if not _ACTOR:
-        import os
-
         torch.set_num_threads(int(os.environ["PEER_THREADS"]))
         model = peft_model()
         _ACTOR.update(model=model, slots=peft_slots(model), data=RandomTokens())
