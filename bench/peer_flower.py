@@ -90,10 +90,16 @@ def run_variant(name: str, work: Path) -> dict:
     out = work / f"{name}.safetensors"
     cmd = [sys.executable, str(HERE / "peer_runs.py"), *args, "--out", str(out),
            "--run-dir", str(work / f"run-{name}")]
-    if ranks > 1:
-        cmd = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", *cmd[1:]]
     threads = args[args.index("--threads") + 1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    env = dict(os.environ)
+    if ranks > 1:
+        launcher = mpiexec()
+        cmd = [launcher, "-n", str(ranks), sys.executable, "-m", "mpi4py", *cmd[1:]]
+        # The mpich wheel's libmpi sits in the venv's lib/, beside its bin/mpiexec; a venv that
+        # reaches those packages from outside (a .pth) would not find it otherwise.
+        lib = Path(launcher).resolve().parent.parent / "lib"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(lib), env.get("LD_LIBRARY_PATH")]))
+    env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                OMP_NUM_THREADS=threads, DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
                RAY_DEDUP_LOGS="0")
     start = time.perf_counter()
