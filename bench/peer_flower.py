@@ -6,6 +6,7 @@ steps of batch 8 x 128 random tokens, 3 rounds, FedAvg, the same seeded client b
 start adapters everywhere. Implementations, each a fresh process (tree) started from here:
 
     plain        peft on Hugging Face's model, clients one after another, 2 threads (the baseline)
+    plain-1t     the same at 1 thread: how far float summation order alone moves the adapters
     fedmoe       fedmoe's round loop, one process, 2 threads
     fedmoe-mpi   fedmoe, 2 client groups of 1 rank, 1 thread each (mpiexec -n 2)
     flower-1x2   Flower simulation (Ray), 1 actor of 2 threads, the plain loop's client code
@@ -40,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 VARIANTS = {  # name: (launch ranks, runner arguments)
     "plain": (1, ["plain", "--threads", "2"]),
+    "plain-1t": (1, ["plain", "--threads", "1"]),  # its adapters vs plain's: the noise floor
     "fedmoe": (1, ["fedmoe", "--threads", "2"]),
     "fedmoe-mpi": (2, ["fedmoe", "--threads", "1"]),
     "flower-1x2": (1, ["flower", "--threads", "2", "--actors", "1"]),
