@@ -10,6 +10,11 @@ on CUDA). Ratios, not assertions.
 
 `olmoe-1b-7b` builds the published architecture (16 layers, 64 experts of intermediate 1024,
 top-8, hidden 2048) with random weights in bf16: about 72 GiB at batch 16 x 1024, K=8.
+
+Throughput: tokens/s and model FLOPs utilisation, the training FLOPs a step needs (counted
+from the routed tokens by pipeline.model.flops: frozen weights forward + input gradient,
+adapters forward + both gradients) per second over the device's dense peak, `--peak-tflops`
+or, for common GPUs, looked up by name (bf16 on CUDA); without a peak the MFU column is empty.
 """
 from __future__ import annotations
 
@@ -19,6 +24,20 @@ import statistics
 import time
 
 import torch
+
+# Dense bf16 peak TFLOP/s (no sparsity) by a substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0,
+                    "H100": 756.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
+
+
+def device_peak(cuda: bool, given: float | None) -> float | None:
+    """Peak FLOP/s: the one given, else the table's entry for this GPU, else None."""
+    if given:
+        return given * 1e12
+    if not cuda:
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v * 1e12 for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def main() -> None:
@@ -33,6 +52,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--layers", type=int, default=None, help="fewer layers than 16 for a quick look")
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per layer")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's dense peak TFLOP/s for MFU (default: known GPUs' bf16 peak)")
     args = ap.parse_args()
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
@@ -99,10 +120,15 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
         rows.append((k, statistics.median(times[2:]), flops, peak))
     k_top, t_top, f_top, _ = rows[0]
+    peak = device_peak(cuda, args.peak_tflops)
+    tokens = args.batch * args.seq
+    print(f"peak: {peak / 1e12:g} TFLOP/s" if peak else "peak: unknown (pass --peak-tflops for MFU)")
     print(f"{'top-k':>5} {'step s':>8} {'time vs K=' + str(k_top):>12} {'FLOPs vs K=' + str(k_top):>13} "
-          f"{'MFLOP/token':>12} {'peak GiB':>9}")
+          f"{'MFLOP/token':>12} {'tokens/s':>10} {'MFU %':>6} {'peak GiB':>9}")
     for k, t, f, mem in rows:
-        print(f"{k:>5} {t:>8.3f} {t / t_top:>12.2f} {f / f_top:>13.2f} {f / 1e6:>12.1f} {mem:>9.1f}")
+        mfu = f"{100 * f * tokens / t / peak:>6.1f}" if peak else f"{'-':>6}"
+        print(f"{k:>5} {t:>8.3f} {t / t_top:>12.2f} {f / f_top:>13.2f} {f / 1e6:>12.1f} {tokens / t:>10.0f} "
+              f"{mfu} {mem:>9.1f}")
 
 
 if __name__ == "__main__":

@@ -48,14 +48,16 @@ class Federation:
         return self.topology is None or self.topology.writes
 
 
-def setup(cfg: Config):
-    """Model, tokenizer, tiers, strategy (with its initial state) and data: all a run reads."""
+def setup(cfg: Config, loaded=None, data=None):
+    """Model, tokenizer, tiers, strategy (with its initial state) and data: all a run reads.
+    `loaded` (a patched model, its tokenizer) and `data` (a FederatedData or its duck type)
+    replace what cfg.model and cfg.data would load: benchmarks bring their own."""
     check_method(cfg.algorithm.name, cfg.algorithm.options)  # before the model loads
     from pipeline.federation.async_rounds import check_mode
 
     check_mode(cfg)  # the method fits federation.mode
     use_deterministic_kernels(cfg.train.deterministic)
-    model, tokenizer = load_patched_model(cfg.model)
+    model, tokenizer = loaded or load_patched_model(cfg.model)
     torch.manual_seed(cfg.seed)  # nothing should draw from it; pinned anyway
     mcfg = model.config
     tiers = resolve_tiers(cfg, mcfg.num_experts, mcfg.num_experts_per_tok)
@@ -71,7 +73,7 @@ def setup(cfg: Config):
         initial = start_adapters(model, strategy, cfg, initial)
     strategy.init_state(initial)
     strategy.check_run(base_weight_shapes(model), max(t.ranks for t in cfg.tiers))
-    data = load_federated_data(cfg, tokenizer)
+    data = data if data is not None else load_federated_data(cfg, tokenizer)
     return model, tokenizer, tiers, strategy, data
 
 
