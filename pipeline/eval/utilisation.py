@@ -58,9 +58,11 @@ def plot_utilisation(events: list[dict], fig, path: Path, save) -> None:
     width = 0.8 / max(groups, 1)
     for g in range(groups):
         gpus = next((p["gpus"][g] for p in rounds.values() if len(p.get("gpus", [])) > g), "?")
-        bottom.bar([x - 0.4 + (g + 0.5) * width for x in xs],
-                   [(rounds[r].get("busy_seconds") or [0] * groups)[g] for r in xs], width,
-                   label=f"group {g} ({gpus} GPU)")
+        # A run resumed under another layout (e.g. MPI, then one process) has fewer groups in
+        # some rounds: those rounds show no bar for the missing groups.
+        busy = [rounds[r].get("busy_seconds") or [] for r in xs]
+        bottom.bar([x - 0.4 + (g + 0.5) * width for x in xs], [b[g] if g < len(b) else 0 for b in busy],
+                   width, label=f"group {g} ({gpus} GPU)")
     from matplotlib.ticker import MaxNLocator
 
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -48,3 +48,17 @@ def test_a_run_without_placement_records_still_gets_its_plot(tmp_path):
     text = write_report(run).read_text()
     assert "GPU utilisation (busy" not in text
     assert _is_png(run / "plots" / "utilisation.png")
+
+
+def test_a_run_resumed_under_fewer_groups_still_gets_its_plot(tmp_path):
+    # Rounds 1-2 under two groups, round 3 resumed in one process: one group from then on.
+    run = _with_placement(_write_run(tmp_path / "run"))
+    lines = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event["event"] == "round" and event["round"] == 3:
+            event["placement"].update(groups=[[0, 1]], gpus=[1], busy_seconds=[2.0], predicted_seconds=[2.0])
+        lines.append(json.dumps(event) + "\n")
+    (run / "metrics.jsonl").write_text("".join(lines))
+    write_report(run)
+    assert _is_png(run / "plots" / "utilisation.png")
