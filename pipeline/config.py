@@ -20,6 +20,7 @@ from pipeline.errors import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 EVAL_MODES = ("choice", "generate")
+DATA_SOURCES = ("offline", "facts", "commonsense")
 
 
 @dataclass
@@ -96,7 +97,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "offline"  # offline (shipped benchmark) | commonsense (LLM-Adapters json / hub id)
+    source: str = "offline"  # offline (skills suite) | facts (knowledge suite) | commonsense (LLM-Adapters json / hub id)
     path: str | None = None  # for source=commonsense
     eval_path: str | None = None  # for source=commonsense; default: a held-out slice of `path`
     n_train_per_family: int = 400
@@ -353,7 +354,7 @@ def validate(cfg: Config) -> None:
     if cfg.deepspeed.config is not None:
         _check_deepspeed_json(cfg.deepspeed.config)
     data = cfg.data
-    _check(data.source in ("offline", "commonsense"), "data.source", f"must be offline or commonsense, got {data.source!r}")
+    _check(data.source in DATA_SOURCES, "data.source", f"must be one of {', '.join(DATA_SOURCES)}, got {data.source!r}")
     if data.source == "commonsense":
         _check(bool(data.path), "data.path", "required when data.source is commonsense")
     _check(data.n_train_per_family >= 1, "data.n_train_per_family", "must be >= 1")

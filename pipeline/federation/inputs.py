@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 
 from pipeline import hub
 from pipeline.config import Config, ModelConfig
-from pipeline.data import (Example, build_benchmark, collate, dirichlet_partition, load_commonsense,
+from pipeline.data import (Example, build_benchmark, build_facts, collate, dirichlet_partition, load_commonsense,
                            load_tokenizer)
 from pipeline.data.commonsense import looks_like_file
 from pipeline.data.truncate import truncate_examples
@@ -81,6 +81,8 @@ def load_federated_data(cfg: Config, tokenizer) -> FederatedData:
     data = cfg.data
     if data.source == "offline":
         train, evaluation = build_benchmark(cfg.seed, data.n_train_per_family, data.n_eval_per_family)
+    elif data.source == "facts":
+        train, evaluation = build_facts(cfg.seed, data.n_train_per_family, data.n_eval_per_family)
     else:
         train = _read_commonsense(data.path, "data.path")
         if data.eval_path:
