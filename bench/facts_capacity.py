@@ -4,6 +4,7 @@ at top-k 8, 4, 2 and 1. Also runs the skills suite (`--suite offline`) for contr
 
     python bench/facts_capacity.py                         # expert LoRA only, 1600 steps
     python bench/facts_capacity.py --attention --steps 800 # expert + attention LoRA
+    python bench/facts_capacity.py --routing               # the base router's concentration
 
 Single thread, deterministic; output recorded in bench/results-facts.txt.
 """
@@ -37,6 +38,38 @@ def scores(model, tokenizer, evals, train_k: int) -> dict[int, dict]:
     return out
 
 
+def routing_mass(asset: Path) -> None:
+    """How concentrated the base router is, and what lower top-k costs the base model."""
+    from transformers import OlmoeForCausalLM
+
+    from pipeline.data.batching import IGNORE_INDEX, pad_sequences
+    from pipeline.data.tasks import pretraining_line
+
+    model = OlmoeForCausalLM.from_pretrained(asset).eval()
+    tokenizer = load_tokenizer(asset)
+    rng = random.Random("bench/routing")
+    ids = [tokenizer(pretraining_line(rng))["input_ids"] for _ in range(256)]
+    x = pad_sequences(ids, tokenizer.pad_token_id)
+    mask = pad_sequences([[1] * len(s) for s in ids], 0)
+    labels = x.masked_fill(mask == 0, IGNORE_INDEX)
+    losses = []
+    for k in (8, 2, 1):
+        for layer in model.model.layers:  # plain Hugging Face blocks
+            layer.mlp.gate.top_k = k
+        with torch.no_grad():
+            losses.append(f"k={k}: {model(input_ids=x, attention_mask=mask, labels=labels).loss.item():.3f}")
+    print("base model, LM loss on 256 pretraining lines:", "  ".join(losses))
+    for layer in model.model.layers:
+        layer.mlp.gate.top_k = 8
+    with torch.no_grad():
+        out = model(input_ids=x, attention_mask=mask, output_router_logits=True)
+    real = mask.flatten().bool()
+    for i, logits in enumerate(out.router_logits):
+        p = logits.float().softmax(-1)[real].sort(-1, descending=True).values
+        print(f"  layer {i}: softmax mass of top-1 {p[:, 0].mean():.3f}, top-2 {p[:, :2].sum(-1).mean():.3f}, "
+              f"top-8 {p[:, :8].sum(-1).mean():.3f}")
+
+
 def line(tag: str, result: dict[int, dict]) -> str:
     cells = "  ".join(f"k={k}: {r['accuracy']:.3f}" for k, r in result.items())
     return f"{tag:>10}  {cells}"
@@ -51,8 +84,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=400)
     ap.add_argument("--eval-per-family", type=int, default=100)
+    ap.add_argument("--routing", action="store_true", help="only print the base router's concentration")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.routing:
+        routing_mass(ASSET)
+        return
     torch.manual_seed(0)
     tokenizer = load_tokenizer(ASSET)
     model = patch_olmoe(load_model(str(ASSET)), 8, 16.0, expert_lora=True, attention_lora=args.attention)
