@@ -24,13 +24,11 @@ from pipeline.algorithms.asynchronous import AsyncStrategy, Buffered, is_async
 from pipeline.algorithms.base import STRATEGIES, ClientUpdate
 from pipeline.config import Config
 from pipeline.errors import ConfigError
-from pipeline.eval.divergence import Diverged, Guard
-from pipeline.federation import async_durations, clock, evaluation, rounds, signals
+from pipeline.federation import async_durations, clock, rounds, signals
 from pipeline.federation.assembly import Federation
-from pipeline.federation.callbacks import ProgressDisplay, console
+from pipeline.federation.callbacks import ProgressDisplay
 from pipeline.federation.collectives import PackedSums
 from pipeline.federation.distributed import reduce_round
-from pipeline.federation.outputs import save_round, write_final
 from pipeline.federation.server_ops import ServerOps
 
 
@@ -203,7 +201,7 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
 
 def _blocks(fed: Federation, start_round: int, fresh: bool, progress, callbacks, started) -> str:
     cfg, strategy = fed.cfg, fed.strategy
-    guard = Guard.for_run(cfg.train, fed.run_dir if not fresh and fed.writes else None)
+    steps = rounds.RunSteps(fed, fresh, callbacks)
     loop = AsyncLoop(fed, progress)
     known = {}
     if cfg.federation.replay is not None:
@@ -217,27 +215,10 @@ def _blocks(fed: Federation, start_round: int, fresh: bool, progress, callbacks,
     events = clock.run_events(durations, cfg.federation.clients, cfg.federation.concurrency or per_round,
                               cfg.federation.rounds * per_round, per_round, strategy.buffer_size,
                               strategy.t_max, cfg.seed)
-
-    def evaluated(round_: int) -> str | None:
-        rows = evaluation.evaluate_round(fed, round_)
-        for cb in callbacks:
-            cb.on_eval(fed, round_, rows)
-        return guard.after_eval(fed, rows, console)
-
-    def end(status: str, round_: int) -> str:
-        fed.metrics.log("run", status=status, round=round_)
-        for cb in callbacks:
-            cb.on_end(fed, status, round_)
-        return status
-
     if fresh:
         strategy.version, strategy.versions = 0, {0: strategy.global_adapters}
         fed.metrics.log("block", round=0, virtual_time=0.0, version=0)
-        evaluated(0)
-        save_round(fed, 0)
-        if started is not None and fed.writes:
-            started()
-        start_round = 1
+        start_round = steps.begin(started)
     durations.replaying = True  # the events before the checkpoint, again: nothing trained or logged
     done: list[clock.Event] = []
     for event in events if start_round > 1 else ():
@@ -250,9 +231,7 @@ def _blocks(fed: Federation, start_round: int, fresh: bool, progress, callbacks,
         raise ConfigError(f"the checkpoint holds version {strategy.version}, the schedule says {at.version} "
                           "at its block: the run's config.yaml was edited")
     loop.resume_at(at)
-    for cb in callbacks:
-        cb.on_rounds_start(fed, start_round)
-    rounds = cfg.federation.rounds
+    steps.rounds_start(start_round)
     start = time.perf_counter()
     loop.round = start_round
     for event in events:
@@ -265,18 +244,8 @@ def _blocks(fed: Federation, start_round: int, fresh: bool, progress, callbacks,
         fed.metrics.log("round", round=round_, seconds=time.perf_counter() - start, tiers=fed.tier_stats)
         fed.metrics.log("block", round=round_, virtual_time=event.time, version=event.version)
         start = time.perf_counter()
-        diverged = None
-        if round_ % cfg.eval.every == 0 or round_ == rounds:
-            diverged = evaluated(round_)
-        stop = signals.any_stopped(fed.topology, cfg.federation.collective_timeout)
-        if round_ % cfg.checkpoint.every == 0 or round_ == rounds or diverged or stop:
-            save_round(fed, round_)
-        if diverged:
-            end("diverged", round_)
-            raise Diverged(f"round {round_}: {diverged}")
-        if stop and round_ < rounds:
-            return end("stopped", round_)
-        for cb in callbacks:
-            cb.on_round_end(fed, round_)
-    write_final(fed)
-    return end("finished", rounds)
+        status = steps.round_done(
+            round_, stop=lambda: signals.any_stopped(fed.topology, cfg.federation.collective_timeout))
+        if status is not None:
+            return status
+    return steps.finish()

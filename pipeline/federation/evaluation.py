@@ -12,14 +12,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from pipeline import checkpoint
 from pipeline.algorithms import Strategy
 from pipeline.config import EVAL_MODES, Config, EvalConfig, Tier
 from pipeline.errors import UserError
 from pipeline.eval.metrics import eval_tables
 from pipeline.eval.modes import evaluate_examples
 from pipeline.federation import restore, rundir
-from pipeline.federation.assembly import Federation, evaluates, setup
+from pipeline.federation.assembly import Federation, evaluates
 from pipeline.federation.inputs import FederatedData, resolve_source
 from pipeline.model import ModelSetting, apply_setting, load_adapter_state, set_base_delta
 
@@ -83,16 +82,8 @@ def evaluate_run(run_dir: Path, checkpoint_path: Path | None = None, top_ks: lis
         raise UserError(f"--mode: must be choice or generate, got {mode!r}")
     if top_ks:  # checked against the model's config before the weights and data load
         check_top_ks(top_ks, model_num_experts(cfg))
-    if checkpoint_path is not None:
-        source = restore.given(Path(checkpoint_path))
-    else:  # the latest intact checkpoint: a damaged one is named and passed over
-        source = restore.choose(run_dir, True, "nothing to evaluate")
-        if source is None:
-            raise UserError(f"{run_dir}: no checkpoint to evaluate")
-    model, tokenizer, tiers, strategy, data = setup(cfg)
-    restore.check_fits(source, cfg, strategy, run_dir / "config.yaml")
-    tensors, meta = checkpoint.load_checkpoint(source)
-    strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
+    run = restore.restore_run(run_dir, cfg, "evaluate", checkpoint_path)
+    source, meta, model, tiers, strategy, data = run.source, run.meta, run.model, run.tiers, run.strategy, run.data
 
     total = len(tiers) * len(top_ks or [None])
     with Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

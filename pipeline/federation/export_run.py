@@ -15,7 +15,6 @@ from pathlib import Path
 
 from rich.console import Console
 
-from pipeline import checkpoint
 from pipeline.config import Config, Tier
 from pipeline.errors import UserError
 from pipeline.model import ModelSetting, apply_setting, load_adapter_state, save_merged, set_base_delta
@@ -82,18 +81,13 @@ def check_export_args(run_dir: Path, fmt: str, tier_name: str | None, out: Path)
 
 def export_run(run_dir: Path, fmt: str, tier_name: str | None, out: Path, command: str) -> Path:
     from pipeline.eval.model_card import render_card
-    from pipeline.federation import restore
-    from pipeline.federation.assembly import setup
     from pipeline.federation.inputs import resolve_source
+    from pipeline.federation.restore import restore_run
 
     cfg = check_export_args(run_dir, fmt, tier_name, out)
-    source = restore.choose(run_dir, True, "nothing to export")
-    if source is None:
-        raise UserError(f"{run_dir}: no checkpoint to export")
-    model, tokenizer, tiers, strategy, _ = setup(cfg)
-    restore.check_fits(source, cfg, strategy, run_dir / "config.yaml")
-    tensors, meta = checkpoint.load_checkpoint(source)
-    strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
+    run = restore_run(run_dir, cfg, "export")
+    source, meta, model, tokenizer, tiers, strategy = (run.source, run.meta, run.model, run.tokenizer,
+                                                       run.tiers, run.strategy)
     tier = next((t for t in tiers if t.name == tier_name), None)
     adapters, setting = export_setting(strategy, tier, model.config.num_experts_per_tok, cfg.model.lora.rank)
     place_model(model, strategy, adapters, setting)

@@ -1,4 +1,4 @@
-"""Which checkpoint `resume` and `eval` start from, and whether it fits the run's config.
+"""Which checkpoint `resume`, `eval` and `export` start from, and whether it fits the run's config.
 
 A damaged checkpoint (checkpoint.damage: a file its manifest does not match) is passed over for
 the previous one, with one warning line. A checkpoint that is intact but does not fit the run's
@@ -8,6 +8,7 @@ resuming again would fail the same way every time.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,38 @@ def given(path: Path) -> Path:
         raise UserError(f"{path}: damaged checkpoint ({why}); pass another --checkpoint, "
                         "or none for the newest intact one")
     return path
+
+
+@dataclass
+class Restored:
+    """A run's model and strategy at one of its checkpoints (`fedmoe eval`, `fedmoe export`)."""
+
+    source: Path  # the checkpoint
+    meta: dict[str, Any]  # its state.json
+    model: Any
+    tokenizer: Any
+    tiers: list
+    strategy: Any
+    data: Any
+
+
+def restore_run(run_dir: Path, cfg: Config, what: str, path: Path | None = None) -> Restored:
+    """The checkpoint `path` (`--checkpoint`), else the newest intact one of `run_dir`, loaded into
+    a model and strategy set up from `cfg` once it fits them; `what` (evaluate, export) names the
+    command in the errors."""
+    from pipeline.federation.assembly import setup
+
+    if path is not None:
+        source = given(Path(path))
+    else:  # the latest intact checkpoint: a damaged one is named and passed over
+        source = choose(run_dir, True, f"nothing to {what}")
+        if source is None:
+            raise UserError(f"{run_dir}: no checkpoint to {what}")
+    model, tokenizer, tiers, strategy, data = setup(cfg)
+    check_fits(source, cfg, strategy, run_dir / "config.yaml")
+    tensors, meta = checkpoint.load_checkpoint(source)
+    strategy.load_state_dict({"tensors": tensors, "meta": meta["strategy"]})
+    return Restored(source, meta, model, tokenizer, tiers, strategy, data)
 
 
 def check_fits(path: Path, cfg: Config, strategy, config_file: Path) -> dict[str, Any]:

@@ -199,50 +199,79 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
     return fed.run_dir / "final" if status == "finished" else None
 
 
-def _rounds(fed: Federation, start_round: int, fresh: bool, progress: ProgressDisplay,
-            callbacks: list[Callback], started) -> str:
-    cfg = fed.cfg
-    guard = Guard.for_run(cfg.train, fed.run_dir if not fresh and fed.writes else None)
+class RunSteps:
+    """What the sync round loop and the async block loop share: round 0, each round's evaluation
+    (with the divergence guard) and checkpoint, the callbacks, and the run's closing record."""
 
-    def evaluated(round_: int) -> str | None:
-        rows = evaluation.evaluate_round(fed, round_)
-        for cb in callbacks:
-            cb.on_eval(fed, round_, rows)
-        return guard.after_eval(fed, rows, console)
+    def __init__(self, fed: Federation, fresh: bool, callbacks: list[Callback]):
+        self.fed, self.callbacks = fed, callbacks
+        self.guard = Guard.for_run(fed.cfg.train, fed.run_dir if not fresh and fed.writes else None)
 
-    def end(status: str, round_: int) -> str:
-        fed.metrics.log("run", status=status, round=round_)
-        for cb in callbacks:
-            cb.on_end(fed, status, round_)
+    def begin(self, started) -> int:
+        """A fresh run's round 0: the base model's evaluation (the divergence guard's reference)
+        and first checkpoint; the round the loop starts from."""
+        self.evaluated(0)
+        save_round(self.fed, 0)
+        if started is not None and self.fed.writes:
+            started()
+        return 1
+
+    def rounds_start(self, start_round: int) -> None:
+        for cb in self.callbacks:
+            cb.on_rounds_start(self.fed, start_round)
+
+    def evaluated(self, round_: int) -> str | None:
+        """The round's evaluation; why the run diverged, if it did."""
+        rows = evaluation.evaluate_round(self.fed, round_)
+        for cb in self.callbacks:
+            cb.on_eval(self.fed, round_, rows)
+        return self.guard.after_eval(self.fed, rows, console)
+
+    def round_done(self, round_: int, stop=None) -> str | None:
+        """Evaluate and checkpoint as configured; `stop()` (async: a rank was signalled) is asked
+        after the evaluation. The run's end status when it stops here, else None."""
+        fed, cfg = self.fed, self.fed.cfg
+        rounds = cfg.federation.rounds
+        diverged = None
+        if round_ % cfg.eval.every == 0 or round_ == rounds:
+            diverged = self.evaluated(round_)
+        stopped = stop() if stop is not None else False
+        if round_ % cfg.checkpoint.every == 0 or round_ == rounds or diverged or stopped:
+            save_round(fed, round_)
+        if diverged:  # train.on_divergence: stop; resumable from this round's checkpoint
+            self.end("diverged", round_)
+            raise Diverged(f"round {round_}: {diverged}")
+        if stopped and round_ < rounds:
+            return self.end("stopped", round_)
+        for cb in self.callbacks:
+            cb.on_round_end(fed, round_)
+        return None
+
+    def finish(self) -> str:
+        write_final(self.fed)
+        return self.end("finished", self.fed.cfg.federation.rounds)
+
+    def end(self, status: str, round_: int) -> str:
+        self.fed.metrics.log("run", status=status, round=round_)
+        for cb in self.callbacks:
+            cb.on_end(self.fed, status, round_)
         return status
 
+
+def _rounds(fed: Federation, start_round: int, fresh: bool, progress: ProgressDisplay,
+            callbacks: list[Callback], started) -> str:
+    steps = RunSteps(fed, fresh, callbacks)
     if fresh:
-        evaluated(0)  # the base model's evaluation: the divergence guard's reference
-        save_round(fed, 0)
-        if started is not None and fed.writes:
-            started()
-        start_round = 1
-    rounds = cfg.federation.rounds
-    for cb in callbacks:
-        cb.on_rounds_start(fed, start_round)
-    for round_ in range(start_round, rounds + 1):
+        start_round = steps.begin(started)
+    steps.rounds_start(start_round)
+    for round_ in range(start_round, fed.cfg.federation.rounds + 1):
         try:
             run_round(fed, round_, progress)
         except signals.Preempted as stop:  # SIGUSR1/SIGTERM: keep the completed rounds, return (exit 0)
             signals.pause(fed, stop, save_round)
-            return end("stopped", stop.completed)
-        diverged = None
-        if round_ % cfg.eval.every == 0 or round_ == rounds:
-            diverged = evaluated(round_)
-        if round_ % cfg.checkpoint.every == 0 or round_ == rounds or diverged:
-            save_round(fed, round_)
-        if diverged:  # train.on_divergence: stop; resumable from this round's checkpoint
-            end("diverged", round_)
-            raise Diverged(f"round {round_}: {diverged}")
-        for cb in callbacks:
-            cb.on_round_end(fed, round_)
-    write_final(fed)
-    return end("finished", rounds)
+            return steps.end("stopped", stop.completed)
+        steps.round_done(round_)
+    return steps.finish()
 
 
 def log_data(fed: Federation) -> None:
