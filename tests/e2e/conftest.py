@@ -28,6 +28,7 @@ def finished_run(tiny_reference) -> Path:
 @pytest.fixture(scope="session")
 def two_thread_run(tmp_path_factory) -> Path:
     """The tiny run at two threads, where order-dependent float kernels would show."""
-    out = tmp_path_factory.mktemp("two-threads") / "run"
-    fedmoe("run", "--config", TINY, "--out", out, threads=2)
-    return out
+    from tests.conftest import shared_run
+
+    return shared_run(tmp_path_factory, "two-threads", lambda out: fedmoe("run", "--config", TINY, "--out", out,
+                                                                          threads=2))
