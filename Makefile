@@ -26,15 +26,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/fedmoe run --config $(CONFIG) --out $(OUT) --overwrite
 
-# Two pytest-xdist workers: most tests wait on one-thread subprocesses, so 2 cores run two at once
-# (whole runs shared across workers: tests/conftest.py shared_run; docs/testing.md).
-XDIST := -n 2 --dist loadgroup
-
 test: $(STAMP)
-	$(PY) -m pytest -q $(XDIST) tests
+	$(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q $(XDIST) -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(STAMP)
 	$(PY) bench/moe_block.py
