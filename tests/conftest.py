@@ -1,4 +1,8 @@
 """Fixtures shared across test folders."""
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 
 
@@ -38,14 +42,33 @@ def relative_difference(got: dict, want: dict) -> float:
     return float(diff / torch.sqrt(sum((want[k] ** 2).sum() for k in want)))
 
 
+def shared_run(tmp_path_factory, name: str, make) -> Path:
+    """`make(out)` once for the whole test session, also when pytest-xdist splits it over worker
+    processes: the first worker that needs run `name` makes it under a file lock, the others wait
+    for it and read the same directory. Tests only read what it returns (copy it to change it)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the basetemp all workers of this session share
+    home = root / "shared-runs" / name
+    home.mkdir(parents=True, exist_ok=True)
+    out, done = home / "run", home / "done"
+    with FileLock(str(home) + ".lock"):
+        if not done.exists():
+            if out.exists():  # a worker that failed to make it left this behind
+                shutil.rmtree(out)
+            make(out)
+            done.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory):
     """One uninterrupted single-process run of the tiny config."""
     from tests.e2e.conftest import TINY, fedmoe
 
-    out = tmp_path_factory.mktemp("tiny-reference") / "run"
-    fedmoe("run", "--config", TINY, "--out", out)
-    return out
+    return shared_run(tmp_path_factory, "tiny-reference", lambda out: fedmoe("run", "--config", TINY, "--out", out))
 
 
 @pytest.fixture(scope="session")
@@ -54,9 +77,8 @@ def fsl_reference(tmp_path_factory):
     round-matches client 0 of round 1), every checkpoint kept."""
     from tests.e2e.conftest import TINY, fedmoe
 
-    out = tmp_path_factory.mktemp("fsl-reference") / "run"
-    fedmoe("run", "--config", TINY, "--out", out, *set_args(FSL_REFERENCE))
-    return out
+    return shared_run(tmp_path_factory, "fsl-reference",
+                      lambda out: fedmoe("run", "--config", TINY, "--out", out, *set_args(FSL_REFERENCE)))
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +86,21 @@ def mpi_groups_of_two(tmp_path_factory):
     """`mpiexec -n 4`: 2 client groups of 2 data-parallel ranks under ZeRO 2."""
     from tests.distributed.conftest import TINY, mpiexec
 
-    out = tmp_path_factory.mktemp("mpi-groups-of-two") / "run"
-    proc = mpiexec(4, "-m", "pipeline.cli", "run", "--config", TINY, "--out", out, *set_args(GROUPS_OF_TWO),
-                   timeout=300)
-    assert proc.stdout.count("done: adapters in") == 1  # only world rank 0 reports
-    return out
+    def make(out):
+        proc = mpiexec(4, "-m", "pipeline.cli", "run", "--config", TINY, "--out", out, *set_args(GROUPS_OF_TWO),
+                       timeout=300)
+        assert proc.stdout.count("done: adapters in") == 1  # only world rank 0 reports
+
+    return shared_run(tmp_path_factory, "mpi-groups-of-two", make)
+
+
+@pytest.fixture(scope="session")
+def single_algorithm_run(tmp_path_factory):
+    """`single_algorithm_run(name)`: the single-process run of the tiny config under algorithm
+    `name`, made once for the session (the distributed tests compare against it)."""
+    from tests.distributed.conftest import TINY, fedmoe
+
+    def run(algorithm):
+        return shared_run(tmp_path_factory, f"single-{algorithm}", lambda out: fedmoe(
+            "run", "--config", TINY, "--out", out, *set_args([f"algorithm.name={algorithm}"])))
+    return run

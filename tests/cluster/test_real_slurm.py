@@ -23,7 +23,9 @@ from tests.cluster.conftest import REPO, TINY, slurm_unavailable, tail
 if slurm_unavailable():
     pytest.skip(slurm_unavailable(), allow_module_level=True)  # one line for the whole module
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("time_limit_job")]
+# One pytest-xdist worker takes the whole module: one cluster, and the time-limit job submitted first.
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("time_limit_job"),
+              pytest.mark.xdist_group("slurm")]
 
 CONFIG = str(TINY.relative_to(REPO))
 ONE_NODE = ["--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--gpus-per-node=2"]

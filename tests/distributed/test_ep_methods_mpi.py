@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import relative_difference, set_args
 
-from .conftest import REPO, TINY, fedmoe, mpiexec
+from .conftest import REPO, TINY, mpiexec
 from .test_equivalence import _events, _same_record
 from .test_expert_parallel_mpi import EP2
 
@@ -25,17 +25,9 @@ DP2 = ["tiers.0.ranks=2", "tiers.1.ranks=2"]  # one group of 2 data-parallel ran
 
 
 @pytest.fixture(scope="module")
-def single_process(tmp_path_factory):
-    """`single_process(algorithm)`: its single-process run of the tiny config, run once per module."""
-    runs = {}
-
-    def run(algorithm):
-        if algorithm not in runs:
-            out = tmp_path_factory.mktemp(f"single-{algorithm}") / "run"
-            fedmoe("run", "--config", TINY, "--out", out, *set_args([f"algorithm.name={algorithm}"]))
-            runs[algorithm] = out
-        return runs[algorithm]
-    return run
+def single_process(single_algorithm_run):
+    """`single_process(algorithm)`: its single-process run of the tiny config, once per session."""
+    return single_algorithm_run
 
 
 def _run_group_of_two(out, algorithm, layout):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from pipeline import checkpoint
 from pipeline.algorithms import lora_math as lm
 from pipeline.algorithms.client_store import CHECKPOINT_DIR, ClientStore, RunStorage
-from tests.conftest import FSL_REFERENCE, set_args
+from tests.conftest import FSL_REFERENCE, set_args, shared_run
 
 from .conftest import TINY, fedmoe, mpiexec
 from .test_ep_methods_mpi import DP2
@@ -61,9 +61,8 @@ def test_two_groups_of_one_rank_are_bitwise_the_single_process_run(fsl_reference
 
 @pytest.fixture(scope="module")
 def frlora_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("frlora-single") / "run"
-    fedmoe("run", "--config", TINY, "--out", out, *set_args(["algorithm.name=frlora", "federation.rounds=1"]))
-    return out
+    return shared_run(tmp_path_factory, "frlora-single", lambda out: fedmoe(
+        "run", "--config", TINY, "--out", out, *set_args(["algorithm.name=frlora", "federation.rounds=1"])))
 
 
 @pytest.mark.parametrize("algorithm, layout, bound", [

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.federation.placement import utilisation
-from tests.conftest import relative_difference, set_args
+from tests.conftest import relative_difference, set_args, shared_run
 
 from .conftest import ENV, REPO, TINY, _mpiexec, fedmoe, mpiexec
 
@@ -74,9 +74,8 @@ def test_balanced_placement_ends_where_tier_placement_ends_on_uneven_groups(tmp_
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
-    out = tmp_path_factory.mktemp("placement") / "one"
-    fedmoe("run", "--config", TINY, "--out", out, *set_args(BASE + EVERY))
-    return out
+    return shared_run(tmp_path_factory, "placement-one", lambda out: fedmoe(
+        "run", "--config", TINY, "--out", out, *set_args(BASE + EVERY)))
 
 
 def test_balanced_on_groups_of_one_rank_is_bitwise_the_single_process_run(single_process, tmp_path):

@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,37 @@ def fedmoe(*args, check=True, threads=1, **kwargs) -> subprocess.CompletedProces
     return proc
 
 
+@pytest.fixture
+def cli(capfd):
+    """`cli(*args, threads=1, check=True)`: the CLI's `main` in this process, at `threads` threads as
+    `fedmoe` runs it: (exit code, stdout, stderr), both captured at the file descriptors. For
+    commands that do not train (eval, bad input): a second interpreter spends ~10 s of a core
+    importing torch, transformers and DeepSpeed. Not for `run`/`resume` that train: a second
+    DeepSpeed engine set-up in one process fails (its process group is gone), so those keep
+    their own process. Threads and stop-signal handlers are put back afterwards."""
+    import torch
+
+    from pipeline.cli import main
+    from pipeline.federation import signals
+
+    saved = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    before = torch.get_num_threads()
+
+    def call(*args, threads=1, check=True):
+        torch.set_num_threads(threads)
+        capfd.readouterr()
+        code = main([str(a) for a in args])
+        out, err = capfd.readouterr()
+        if check and code != 0:
+            raise AssertionError(f"fedmoe {' '.join(map(str, args))} exited {code}\n{err[-3000:]}")
+        return code, out, err
+
+    yield call
+    torch.set_num_threads(before)
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
 @pytest.fixture(scope="session")
 def finished_run(tiny_reference) -> Path:
     """One uninterrupted tiny run shared by the tests that only read its outputs."""
@@ -28,6 +60,7 @@ def finished_run(tiny_reference) -> Path:
 @pytest.fixture(scope="session")
 def two_thread_run(tmp_path_factory) -> Path:
     """The tiny run at two threads, where order-dependent float kernels would show."""
-    out = tmp_path_factory.mktemp("two-threads") / "run"
-    fedmoe("run", "--config", TINY, "--out", out, threads=2)
-    return out
+    from tests.conftest import shared_run
+
+    return shared_run(tmp_path_factory, "two-threads", lambda out: fedmoe("run", "--config", TINY, "--out", out,
+                                                                          threads=2))

@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from pipeline.cli import main
+from tests.conftest import shared_run
 
 from .conftest import REPO, TINY, fedmoe
 
@@ -51,9 +52,8 @@ def test_async_method_in_a_sync_run(capsys, tmp_path):
 
 @pytest.fixture(scope="module")
 def fedbuff_reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("async-reference") / "run"
-    fedmoe("run", "--config", TINY, *FEDBUFF, "--out", out)
-    return out
+    return shared_run(tmp_path_factory, "async-reference",
+                      lambda out: fedmoe("run", "--config", TINY, *FEDBUFF, "--out", out))
 
 
 def _adapters(run):

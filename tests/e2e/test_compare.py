@@ -34,8 +34,8 @@ def test_compare_table_matches_the_runs(tmp_path):
     assert (out / "smoe-seed0" / "metrics.jsonl").stat().st_mtime == before
 
 
-def test_compare_bad_spec(tmp_path):
+def test_compare_bad_spec(tmp_path, cli):
     bad = tmp_path / "spec.yaml"
     bad.write_text("methods: {a: ['train.lr=-1']}\n")
-    proc = fedmoe("compare", bad, "--out", tmp_path / "o", check=False)
-    assert proc.returncode == 2 and "train.lr" in proc.stderr and "Traceback" not in proc.stderr
+    code, _, stderr = cli("compare", bad, "--out", tmp_path / "o", check=False)
+    assert code == 2 and "train.lr" in stderr and "Traceback" not in stderr

@@ -46,8 +46,8 @@ def test_merged_model_loads_as_plain_hugging_face_model(finished_run):
     assert type(model.model.layers[0].mlp).__name__ == "OlmoeSparseMoeBlock"
 
 
-def test_eval_command_reproduces_final_accuracy(finished_run, tmp_path):
-    fedmoe("eval", finished_run, "--json", tmp_path / "eval.json")
+def test_eval_command_reproduces_final_accuracy(finished_run, tmp_path, cli):
+    cli("eval", finished_run, "--json", tmp_path / "eval.json")
     rows = json.loads((tmp_path / "eval.json").read_text())
     events = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     last = {e["tier"]: e["accuracy"] for e in events if e["event"] == "eval" and e["round"] == 3}
