@@ -20,6 +20,17 @@ def fedmoe(*args, check=True, threads=1, **kwargs) -> subprocess.CompletedProces
     return proc
 
 
+def fails_one_line(capsys, argv, needle):
+    """`fedmoe ARGV` in this process exits 2 with one `fedmoe: error:` line holding `needle`."""
+    from pipeline.cli import main
+
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.count("\n") == 1 and err.startswith("fedmoe: error: "), err
+    assert needle in err, err
+
+
 @pytest.fixture
 def cli(capfd):
     """`cli(*args, threads=1, check=True)`: the CLI's `main` in this process, at `threads` threads as

@@ -10,22 +10,13 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from pipeline.cli import main
 from tests.conftest import shared_run
 
-from .conftest import REPO, TINY, fedmoe
+from .conftest import REPO, TINY, fails_one_line as _fails, fedmoe
 
 ASYNC = ["--set", "federation.mode=async", "--set", "logging.progress=false"]
 FEDBUFF = [*ASYNC, "--set", "algorithm.name=fedbuff", "--set", "algorithm.options.buffer_size=2",
            "--set", "federation.concurrency=3", "--set", "tiers.0.speed=0.5"]
-
-
-def _fails(capsys, argv, needle):
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert err.count("\n") == 1 and err.startswith("fedmoe: error: "), err
-    assert needle in err, err
 
 
 @pytest.mark.parametrize("overrides, needle", [

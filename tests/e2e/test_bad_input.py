@@ -1,17 +1,7 @@
 """Bad input: one line naming the field or file, exit code 2, no traceback, nothing overwritten."""
 import pytest
 
-from pipeline.cli import main
-
-from .conftest import TINY, fedmoe
-
-
-def _fails(capsys, argv, needle):
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert err.count("\n") == 1 and err.startswith("fedmoe: error: "), err
-    assert needle in err, err
+from .conftest import TINY, fails_one_line as _fails, fedmoe
 
 
 def test_missing_config(capsys, tmp_path):
