@@ -77,9 +77,9 @@ def test_bad_counts_and_too_many_facts_are_refused():
         fact_table(0, "count", n_facts=10_000)
 
 
-def test_the_shipped_facts_comparison_builds_a_valid_config_for_every_method():
+def test_the_benchmark_comparison_is_on_the_facts_suite_and_builds_a_valid_config_for_every_method():
     root = Path(__file__).resolve().parents[2] / "configs"
-    spec = read_spec(root / "compare" / "facts.yaml")
+    spec = read_spec(root / "compare" / "benchmark.yaml")
     assert spec.reference in spec.methods and len(spec.seeds) >= 3
     for method, overrides in spec.methods.items():
         cfg = load_config(spec.base, [*spec.overrides, *overrides])

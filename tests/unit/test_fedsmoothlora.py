@@ -296,7 +296,8 @@ def test_shipped_configs_and_comparison_specs_name_valid_methods():
     assert {"fedsmoothlora", "frlora"} <= names
     new = {"fedsmoothlora": {}, "fedsmoothlora-no-rm": {"rm": False}, "fedsmoothlora-no-ga": {"ga": False},
            "frlora": {}}
-    for spec_path in (root / "compare" / "benchmark.yaml", root / "compare" / "benchmark-long.yaml"):
+    for spec_path in (root / "compare" / "benchmark.yaml", root / "compare" / "skills.yaml",
+                      root / "compare" / "skills-long.yaml"):
         spec = read_spec(spec_path)
         for method, options in new.items():
             cfg = load_config(spec.base, [*spec.overrides, *spec.methods[method]])
