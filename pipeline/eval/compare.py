@@ -284,7 +284,10 @@ def compare(spec_path: Path, out: Path, jobs: int, extra: list[str], command: st
     plot_all(spec, result, runs, out)
     from pipeline.eval.async_report import compare_section  # accuracy against virtual time
 
+    from pipeline.eval.convergence import convergence_section  # FedSmoothLoRA's claim
+
     extra = compare_section(spec, runs, out, _save, lambda w, h: Figure(figsize=(w, h)))
+    extra += convergence_section(spec, runs)
     path = out / "compare.md"
     path.write_text("\n".join([markdown(spec, result, command), *extra]))
     console.print(path.read_text().split("\n\n![")[0])

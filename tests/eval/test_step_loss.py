@@ -34,3 +34,38 @@ def test_report_plots_the_steps_and_states_the_jump(tmp_path):
     assert (tmp_path / "plots" / "step_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_summary(tmp_path)["loss_jump"][ALL] == pytest.approx(0.25)  # both rounds jump by 0.25
     assert "jump at round starts" in (tmp_path / "report.md").read_text()
+
+
+def _run(path, round_losses, steps=(2.0, 1.0)):
+    """A run whose round r has one client with mean loss round_losses[r - 1]; its per-step losses
+    are `steps` shifted to that mean."""
+    path.mkdir()
+    events = []
+    for r, loss in enumerate(round_losses, start=1):
+        shift = loss - sum(steps) / len(steps)
+        events.append({"event": "client", "round": r, "tier": "t", "train_loss": loss,
+                       "losses": [x + shift for x in steps], "time": float(r)})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    return path
+
+
+def test_convergence_rows_count_rounds_to_the_references_final_loss_per_seed(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.eval.convergence import convergence_rows, convergence_section, round_train_loss, rounds_to_reach
+
+    spec = SimpleNamespace(methods={"ref": [], "fast": []}, seeds=[0, 1], reference="ref")
+    runs = {("ref", 0): _run(tmp_path / "r0", [3.0, 2.0, 1.5]), ("ref", 1): _run(tmp_path / "r1", [3.0, 2.5, 1.0]),
+            ("fast", 0): _run(tmp_path / "f0", [2.0, 1.4, 1.2]), ("fast", 1): _run(tmp_path / "f1", [2.0, 1.8, 1.1])}
+    assert round_train_loss(json.loads(line) for line in (tmp_path / "r0" / "metrics.jsonl").read_text().splitlines()) \
+        == {1: 3.0, 2: 2.0, 3: 1.5}
+    assert rounds_to_reach({1: 3.0, 2: 1.5, 3: 1.0}, 1.5) == 2 and rounds_to_reach({1: 3.0}, 1.0) is None
+    rows = {row["method"]: row for row in convergence_rows(spec, runs)}
+    assert rows["ref"]["reach"] == [3, 3]
+    assert rows["fast"]["reach"] == [2, None]  # seed 1: 1.1 never reaches the reference's 1.0
+    assert rows["fast"]["final_loss"] == [1.2, 1.1]
+    # jumps: first step of round t (mean + 0.5) minus last step of round t - 1 (mean - 0.5)
+    assert rows["ref"]["jumps"] == [pytest.approx(((2.0 - 3.0) + (1.5 - 2.0)) / 2 + 1.0),
+                                    pytest.approx(((2.5 - 3.0) + (1.0 - 2.5)) / 2 + 1.0)]
+    text = "\n".join(convergence_section(spec, runs))
+    assert "| fast | 2.0 (1/2 seeds) | 1.150 |" in text and "| ref | 3.0 (2/2 seeds) | 1.250 |" in text

@@ -1,0 +1,87 @@
+"""compare.md's convergence section: FedSmoothLoRA's claim is faster and smoother convergence
+than FedAvgLoRA (`fedit`), so per method it gives the rounds to reach the reference method's
+final training loss and the mean jump of the training loss at round starts (step_loss.py).
+
+A round's training loss is the mean over the round's clients of each client's mean loss over its
+local steps (`train_loss` of its `client` event): a population view, since the sampled clients
+differ between rounds. The reference's final training loss is its last round's, of the same seed.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.eval.metrics import read_metrics
+from pipeline.eval.stats import mean_interval
+from pipeline.eval.step_loss import ALL, jump_summary
+
+
+def round_train_loss(events: list[dict]) -> dict[int, float]:
+    """Round -> the mean `train_loss` of its clients."""
+    rounds: dict[int, list[float]] = defaultdict(list)
+    for e in events:
+        loss, round_ = e.get("train_loss"), e.get("round")
+        if e.get("event") == "client" and isinstance(round_, int) and isinstance(loss, (int, float)):
+            rounds[round_].append(float(loss))
+    return {r: float(np.mean(v)) for r, v in sorted(rounds.items())}
+
+
+def rounds_to_reach(curve: dict[int, float], target: float) -> int | None:
+    """The first round whose training loss is at or below `target`; None if none is."""
+    return next((r for r, loss in sorted(curve.items()) if loss <= target), None)
+
+
+def _interval(values: list[float]) -> str:
+    iv = mean_interval(values)
+    return f"{iv.mean:+.3f}" if iv.n < 2 else f"{iv.mean:+.3f} ± {iv.half:.3f}"
+
+
+def convergence_rows(spec, runs: dict[tuple[str, int], Path]) -> list[dict] | None:
+    """Per method: rounds to reach the reference's final training loss (per seed, None: never),
+    its own final training loss and its mean jump at round starts, per seed. None when the runs
+    recorded no client losses."""
+    methods = list(spec.methods)
+    events = {key: read_metrics(run) for key, run in runs.items()}
+    curves = {key: round_train_loss(ev) for key, ev in events.items()}
+    if not all(curves.values()):
+        return None
+    reference = spec.reference or methods[0]
+    rows = []
+    for m in methods:
+        reach, finals, jumps = [], [], []
+        for s in spec.seeds:
+            target = curves[(reference, s)][max(curves[(reference, s)])]
+            curve = curves[(m, s)]
+            reach.append(rounds_to_reach(curve, target))
+            finals.append(curve[max(curve)])
+            jump = jump_summary(events[(m, s)]).get(ALL)
+            if jump is not None:
+                jumps.append(jump)
+        rows.append({"method": m, "reach": reach, "final_loss": finals, "jumps": jumps})
+    return rows
+
+
+def convergence_section(spec, runs: dict[tuple[str, int], Path]) -> list[str]:
+    rows = convergence_rows(spec, runs)
+    if rows is None:
+        return []
+    reference = spec.reference or list(spec.methods)[0]
+    n_rounds = max(max(round_train_loss(read_metrics(run))) for run in runs.values())
+    lines = ["", "## Convergence", "",
+             f"Training loss of a round: the mean over its clients of their mean loss over the local steps. "
+             f"Rounds to reach: the first round at or below `{reference}`'s last-round training loss of the "
+             f"same seed (mean over the seeds that reach it, of {n_rounds} rounds). Jump: a round's mean "
+             "first-step loss minus the previous round's mean last-step loss, averaged over round starts "
+             "(mean ± half-width of the 95% t interval over seeds); a method that restarts each round from "
+             "another point than where its clients ended jumps up.", "",
+             f"| method | rounds to reach {reference}'s final training loss | final training loss "
+             "| mean loss jump at round starts |", "|---|---|---|---|"]
+    for row in rows:
+        got = [r for r in row["reach"] if r is not None]
+        reached = (f"{np.mean(got):.1f} ({len(got)}/{len(row['reach'])} seeds)" if got
+                   else f"never (0/{len(row['reach'])})")
+        jumps = _interval(row["jumps"]) if row["jumps"] else "-"
+        lines.append(f"| {row['method']} | {reached} | {np.mean(row['final_loss']):.3f} | {jumps} |")
+    return lines
