@@ -26,6 +26,9 @@ def test_compare_table_matches_the_runs(tmp_path):
             assert result["accuracy"][tier][0] == pytest.approx(np.mean(values))
             assert result["accuracy"][tier][1] == pytest.approx(np.std(values, ddof=1))
         assert f"| {method} |" in table
+    convergence = table.split("## Convergence")[1]
+    assert all(f"| {method} | " in convergence for method in summary)
+    assert "| smoe | never" not in convergence  # the reference reaches its own final loss
     for plot in ("accuracy_per_tier", "accuracy_over_rounds", "expert_load", "flops_per_tier"):
         assert (out / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second call reuses the finished runs instead of training again.
