@@ -36,6 +36,7 @@ class Spec:
     overrides: list[str]
     methods: dict[str, list[str]]
     reference: str | None  # every method's per-seed paired difference to this one is tabulated
+    contrasts: list[tuple[str, str]] = ()  # (a, b): a's per-seed paired difference to b, tabulated too
 
 
 def read_spec(path: Path) -> Spec:
@@ -45,7 +46,7 @@ def read_spec(path: Path) -> Spec:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError:
         raise UserError(f"{path}: malformed YAML") from None
-    allowed = {"base", "seeds", "overrides", "methods", "reference"}
+    allowed = {"base", "seeds", "overrides", "methods", "reference", "contrasts"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise UserError(f"{path}: {unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
@@ -63,11 +64,12 @@ def read_spec(path: Path) -> Spec:
     reference = raw.get("reference")
     if reference is not None and str(reference) not in map(str, methods):
         raise UserError(f"{path}: reference: {reference!r} is not one of the methods ({', '.join(map(str, methods))})")
+    contrasts = _read_contrasts(path, raw.get("contrasts", []), list(map(str, methods)))
     base = Path(raw.get("base", "configs/default.yaml"))
     if not base.is_absolute() and not base.exists():
         base = path.parent / base
     spec = Spec(base, seeds, list(raw.get("overrides", [])),
-                {str(k): list(v or []) for k, v in methods.items()}, reference)
+                {str(k): list(v or []) for k, v in methods.items()}, reference, contrasts)
     for name, overrides in spec.methods.items():  # fail now, not in run 17 of 30
         load_config(spec.base, [*spec.overrides, *overrides, "seed=0"])
     return spec
@@ -82,6 +84,18 @@ def _check_name(path: Path, name: str) -> None:
     if not _NAME.fullmatch(name):
         raise UserError(f"{path}: methods: {name!r}: a method name may hold letters, digits and . _ + - "
                         "(not first), as it names the run directories")
+
+
+def _read_contrasts(path: Path, value, methods: list[str]) -> list[tuple[str, str]]:
+    """`contrasts: ["ubsmoe - smoe", ...]`: the pairs whose per-seed differences are tabulated."""
+    _check_strings(path, "contrasts", value)
+    pairs = []
+    for item in value:
+        parts = [p.strip() for p in item.split(" - ")]
+        if len(parts) != 2 or parts[0] == parts[1] or not all(p in methods for p in parts):
+            raise UserError(f"{path}: contrasts: {item!r}: write 'A - B' with two different methods of the spec")
+        pairs.append((parts[0], parts[1]))
+    return pairs
 
 
 def _check_strings(path: Path, field: str, value) -> None:
@@ -134,6 +148,9 @@ def summarise(spec: Spec, runs: dict[tuple[str, int], Path]) -> dict:
         for method, r in result.items():
             r["paired_to"] = spec.reference
             r["paired"] = {k: paired_interval(v, ref[k]).to_json() for k, v in r["finals"].items()}
+    for a, b in spec.contrasts:
+        result[a].setdefault("contrasts", {})[b] = {
+            k: paired_interval(v, result[b]["finals"][k]).to_json() for k, v in result[a]["finals"].items()}
     return result
 
 
@@ -190,6 +207,14 @@ def markdown(spec: Spec, result: dict, command: str) -> str:
             if method != ref:
                 lines.append("| " + " | ".join([method, *[_diff(r["paired"][t]) for t in tiers],
                                                 _diff(r["paired"]["average"])]) + " |")
+    if spec.contrasts:
+        lines += ["", "Paired contrasts in pp: per seed, the first method's run minus the second's, mean ± "
+                  f"half-width of the 95% t interval of the {n} differences; **bold**: the interval excludes zero.", ""]
+        header = ["contrast", *tiers, "avg over tiers"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for a, b in spec.contrasts:
+            iv = result[a]["contrasts"][b]
+            lines.append("| " + " | ".join([f"{a} - {b}", *[_diff(iv[t]) for t in tiers], _diff(iv["average"])]) + " |")
     lines += ["", "Tier settings at evaluation (experts per token k / LoRA rank r):", ""]
     lines += [f"- {m}: " + ", ".join(f"{t} k={r['top_k'][t]} r={r['lora_rank'][t]}" for t in tiers)
               for m, r in result.items()]

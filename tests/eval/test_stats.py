@@ -121,3 +121,27 @@ def test_unknown_reference_is_a_user_error(tmp_path):
                     "methods: {smoe: ['algorithm.name=smoe']}\n")
     with pytest.raises(UserError, match="reference: 'fedit' is not one of the methods"):
         compare.read_spec(spec)
+
+
+def test_contrasts_are_paired_differences_between_two_named_methods(made_up):
+    spec, _ = made_up
+    spec = compare.Spec(spec.base, spec.seeds, [], spec.methods, "fedit", [("better", "same")])
+    runs = {(m, s): Path(f"{m}-{s}") for m in FINALS for s in spec.seeds}
+    result = compare.summarise(spec, runs)
+    diffs = np.subtract(FINALS["better"], FINALS["same"])
+    iv = result["better"]["contrasts"]["same"]["t2"]
+    assert iv["mean"] == pytest.approx(diffs.mean(), abs=1e-12)
+    assert iv["half"] == pytest.approx(4.302652729749464 * diffs.std(ddof=1) / math.sqrt(3), rel=1e-9)
+    text = compare.markdown(spec, result, "fedmoe compare x")
+    row = [line for line in text.splitlines() if line.startswith("| better - same | ")]
+    assert row == [f"| better - same | {compare._diff(result['better']['contrasts']['same']['t1'])} | "
+                   f"{compare._diff(iv)} | {compare._diff(result['better']['contrasts']['same']['average'])} |"]
+
+
+@pytest.mark.parametrize("contrasts", ["['smoe - smoe']", "['smoe - fedit']", "['smoe-ubsmoe']", "'smoe - x'"])
+def test_a_bad_contrast_is_a_user_error(tmp_path, contrasts):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"base: {REPO / 'tests/fixtures/tiny_run.yaml'}\ncontrasts: {contrasts}\n"
+                    "methods: {smoe: ['algorithm.name=smoe'], ubsmoe: ['algorithm.name=ubsmoe']}\n")
+    with pytest.raises(UserError, match="contrasts"):
+        compare.read_spec(spec)
