@@ -27,7 +27,7 @@ run: $(STAMP)
 	$(VENV)/bin/fedmoe run --config $(CONFIG) --out $(OUT) --overwrite
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
