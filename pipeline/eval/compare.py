@@ -308,7 +308,6 @@ def compare(spec_path: Path, out: Path, jobs: int, extra: list[str], command: st
     (out / "summary.json").write_text(json.dumps(result, indent=1))
     plot_all(spec, result, runs, out)
     from pipeline.eval.async_report import compare_section  # accuracy against virtual time
-
     from pipeline.eval.convergence import convergence_section  # FedSmoothLoRA's claim
 
     extra = compare_section(spec, runs, out, _save, lambda w, h: Figure(figsize=(w, h)))
