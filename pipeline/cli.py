@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="extra override applied to every run (repeatable)")
     cmp_.add_argument("--force", action="store_true",
                       help="train again the runs whose recorded config differs from the spec's (default: exit 2)")
+    cmp_.add_argument("--report-only", action="store_true",
+                      help="train nothing: report the methods whose every seed has finished, name the rest")
 
     plan = sub.add_parser("plan", help="print the MPI layout (client groups, their ranks and clients); runs nothing")
     plan.add_argument("--config", default=None, help="YAML experiment (default: configs/default.yaml)")
@@ -258,7 +260,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
         if args.jobs < 1:
             raise UserError(f"--jobs: must be >= 1, got {args.jobs}")
         command = "fedmoe compare " + " ".join(sys.argv[2:] if argv is None else argv[1:])
-        compare(Path(args.spec), Path(args.out), args.jobs, args.overrides, command, args.force)
+        compare(Path(args.spec), Path(args.out), args.jobs, args.overrides, command, args.force, args.report_only)
         return 0
     if args.command == "plan":
         from pipeline.plan import show_plan

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -110,6 +110,20 @@ def run_all(spec: Spec, out: Path, jobs: int, extra: list[str], force: bool = Fa
     out.mkdir(parents=True, exist_ok=True)
     launch(planned, out, jobs, command)
     return {(job.method, job.seed): job.run for job in planned}
+
+
+def finished_part(spec: Spec, out: Path, extra: list[str]) -> tuple[Spec, dict, list[str]]:
+    """For `--report-only`: the spec cut to the methods whose every seed has finished (with the
+    same config), their runs, and the methods still pending. Trains nothing."""
+    jobs = plan_jobs(spec, out, extra, force=False)
+    done = [m for m in spec.methods if all(j.command is None for j in jobs if j.method == m)]
+    if not done:
+        raise UserError(f"{out}: no method of the spec has finished all its seeds yet; nothing to report")
+    part = replace(spec, methods={m: spec.methods[m] for m in done},
+                   reference=spec.reference if spec.reference in done else None,
+                   contrasts=[(a, b) for a, b in spec.contrasts if a in done and b in done])
+    pending = [m for m in spec.methods if m not in done]
+    return part, {(j.method, j.seed): j.run for j in jobs if j.method in done}, pending
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,9 +315,14 @@ def plot_all(spec: Spec, result: dict, runs: dict, out: Path) -> None:
     _save(fig, plots / "flops_per_tier.png")
 
 
-def compare(spec_path: Path, out: Path, jobs: int, extra: list[str], command: str, force: bool = False) -> Path:
+def compare(spec_path: Path, out: Path, jobs: int, extra: list[str], command: str, force: bool = False,
+            report_only: bool = False) -> Path:
     spec = read_spec(spec_path)
-    runs = run_all(spec, out, jobs, extra, force, command)
+    pending = []
+    if report_only:
+        spec, runs, pending = finished_part(spec, out, extra)
+    else:
+        runs = run_all(spec, out, jobs, extra, force, command)
     result = summarise(spec, runs)
     (out / "summary.json").write_text(json.dumps(result, indent=1))
     plot_all(spec, result, runs, out)
@@ -313,6 +332,9 @@ def compare(spec_path: Path, out: Path, jobs: int, extra: list[str], command: st
     extra = compare_section(spec, runs, out, _save, lambda w, h: Figure(figsize=(w, h)))
     extra += convergence_section(spec, runs)
     path = out / "compare.md"
-    path.write_text("\n".join([markdown(spec, result, command), *extra]))
+    text = markdown(spec, result, command)
+    if pending:  # a partial report says so before its first table
+        text = text.replace("\n\n| method |", f"\n\n**Partial**: not yet finished: {', '.join(pending)}.\n\n| method |", 1)
+    path.write_text("\n".join([text, *extra]))
     console.print(path.read_text().split("\n\n![")[0])
     return path
