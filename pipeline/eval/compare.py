@@ -210,7 +210,7 @@ def markdown(spec: Spec, result: dict, command: str) -> str:
                  f"{cost.get('flops_vs_top', float('nan')):.2f}x", f"{cost.get('load_cv', float('nan')):.2f}",
                  f"{100 * cost.get('dead_expert_share', float('nan')):.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
-    if spec.reference is not None:
+    if spec.reference is not None and len(result) > 1:
         ref = spec.reference
         lines += ["", f"Paired difference to `{ref}` in pp: per seed, the method's run minus `{ref}`'s run "
                   f"of the same seed (same data split, clients and evaluation prompts), mean ± half-width of "
