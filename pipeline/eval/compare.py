@@ -37,6 +37,7 @@ class Spec:
     methods: dict[str, list[str]]
     reference: str | None  # every method's per-seed paired difference to this one is tabulated
     contrasts: list[tuple[str, str]] = ()  # (a, b): a's per-seed paired difference to b, tabulated too
+    path: Path | None = None  # the spec file, named in compare.md's title
 
 
 def read_spec(path: Path) -> Spec:
@@ -69,7 +70,7 @@ def read_spec(path: Path) -> Spec:
     if not base.is_absolute() and not base.exists():
         base = path.parent / base
     spec = Spec(base, seeds, list(raw.get("overrides", [])),
-                {str(k): list(v or []) for k, v in methods.items()}, reference, contrasts)
+                {str(k): list(v or []) for k, v in methods.items()}, reference, contrasts, path)
     for name, overrides in spec.methods.items():  # fail now, not in run 17 of 30
         load_config(spec.base, [*spec.overrides, *overrides, "seed=0"])
     return spec
@@ -195,7 +196,8 @@ def markdown(spec: Spec, result: dict, command: str) -> str:
     first = next(iter(result.values()))
     tiers = first["tiers"]
     n = len(spec.seeds)
-    lines = [f"# Comparison on `{spec.base}`", "",
+    title = f"`{spec.path}` (base config `{spec.base}`)" if spec.path else f"`{spec.base}`"
+    lines = [f"# Comparison: {title}", "",
              f"Seeds {spec.seeds}; final accuracy in %: mean ± half-width of its 95% confidence interval "
              f"over the {n} seeds (Student t, {n - 1} degree{'s' * (n != 2)} of freedom; standard deviations in "
              f"summary.json); chance {100 * first['chance']:.1f}%. Produced by:", "",
