@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="extra override applied to every run (repeatable)")
     cmp_.add_argument("--force", action="store_true",
                       help="train again the runs whose recorded config differs from the spec's (default: exit 2)")
+    cmp_.add_argument("--mode", default=None, metavar="choice|generate",
+                      help="score every final checkpoint again in this evaluation mode (compare-MODE.md)")
     cmp_.add_argument("--report-only", action="store_true",
                       help="train nothing: report the methods whose every seed has finished, name the rest")
 
@@ -259,8 +261,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str] | None) -> int:
 
         if args.jobs < 1:
             raise UserError(f"--jobs: must be >= 1, got {args.jobs}")
+        if args.mode is not None and args.mode not in EVAL_MODES:
+            raise UserError(f"--mode: must be choice or generate, got {args.mode!r}")
         command = "fedmoe compare " + " ".join(sys.argv[2:] if argv is None else argv[1:])
-        compare(Path(args.spec), Path(args.out), args.jobs, args.overrides, command, args.force, args.report_only)
+        compare(Path(args.spec), Path(args.out), args.jobs, args.overrides, command, args.force, args.report_only,
+                args.mode)
         return 0
     if args.command == "plan":
         from pipeline.plan import show_plan

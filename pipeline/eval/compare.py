@@ -136,12 +136,18 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def summarise(spec: Spec, runs: dict[tuple[str, int], Path]) -> dict:
-    """Per method: per-tier final accuracy mean/std over seeds, average over tiers, cost, balance."""
+def summarise(spec: Spec, runs: dict[tuple[str, int], Path], scores: dict | None = None) -> dict:
+    """Per method: per-tier final accuracy mean/std over seeds, average over tiers, cost, balance.
+    `scores` ((method, seed) -> tier -> row, compare_rescore.py): the final accuracies to use
+    instead of the runs' recorded ones, with their format failures."""
     result = {}
     for method in spec.methods:
         summaries = [load_summary(runs[(method, s)]) for s in spec.seeds]
         tiers = list(summaries[0]["tiers"])
+        if scores is not None:
+            for seed, summary in zip(spec.seeds, summaries):
+                for t in tiers:
+                    summary["tiers"][t]["final"] = scores[(method, seed)][t]["accuracy"]
         per_tier = {t: _mean_std([s["tiers"][t]["final"] for s in summaries]) for t in tiers}
         base = {t: float(np.mean([s["tiers"][t]["base"] for s in summaries])) for t in tiers}
         average = _mean_std([np.mean([s["tiers"][t]["final"] for t in tiers]) for s in summaries])
@@ -158,6 +164,9 @@ def summarise(spec: Spec, runs: dict[tuple[str, int], Path]) -> dict:
                           "cost": cost, "chance": summaries[0]["chance"],
                           "top_k": {t: summaries[0]["tiers"][t]["top_k"] for t in tiers},
                           "lora_rank": {t: summaries[0]["tiers"][t]["lora_rank"] for t in tiers}}
+        if scores is not None:
+            result[method]["format_failures"] = {
+                t: float(np.mean([scores[(method, s)][t]["format_failures"] for s in spec.seeds])) for t in tiers}
     if spec.reference is not None:
         ref = result[spec.reference]["finals"]
         for method, r in result.items():
@@ -192,13 +201,17 @@ def _diff(iv: dict) -> str:
     return f"**{text}**" if iv["excludes_zero"] else text
 
 
-def markdown(spec: Spec, result: dict, command: str) -> str:
+def markdown(spec: Spec, result: dict, command: str, rescored: str | None = None) -> str:
+    """compare.md; `rescored`: the evaluation mode the final checkpoints were scored again in."""
     first = next(iter(result.values()))
     tiers = first["tiers"]
     n = len(spec.seeds)
     title = f"`{spec.path}` (base config `{spec.base}`)" if spec.path else f"`{spec.base}`"
+    scored = (f" (final checkpoints scored in `{rescored}` mode"
+              f"{': greedy generation, answer extraction; a generation with no valid answer is wrong' if rescored == 'generate' else ''})"
+              if rescored else "")
     lines = [f"# Comparison: {title}", "",
-             f"Seeds {spec.seeds}; final accuracy in %: mean ± half-width of its 95% confidence interval "
+             f"Seeds {spec.seeds}; final accuracy in %{scored}: mean ± half-width of its 95% confidence interval "
              f"over the {n} seeds (Student t, {n - 1} degree{'s' * (n != 2)} of freedom; standard deviations in "
              f"summary.json); chance {100 * first['chance']:.1f}%. Produced by:", "",
              f"```\n{command}\n```", ""]
@@ -231,6 +244,11 @@ def markdown(spec: Spec, result: dict, command: str) -> str:
         for a, b in spec.contrasts:
             iv = result[a]["contrasts"][b]
             lines.append("| " + " | ".join([f"{a} - {b}", *[_diff(iv[t]) for t in tiers], _diff(iv["average"])]) + " |")
+    if rescored:
+        lines += ["", "Format failures (share of prompts whose output holds no valid answer), %, mean over seeds:", "",
+                  "| " + " | ".join(["method", *tiers]) + " |", "|" + "---|" * (len(tiers) + 1)]
+        lines += ["| " + " | ".join([m, *[f"{100 * r['format_failures'][t]:.1f}" for t in tiers]]) + " |"
+                  for m, r in result.items()]
     lines += ["", "Tier settings at evaluation (experts per token k / LoRA rank r):", ""]
     lines += [f"- {m}: " + ", ".join(f"{t} k={r['top_k'][t]} r={r['lora_rank'][t]}" for t in tiers)
               for m, r in result.items()]
@@ -238,8 +256,10 @@ def markdown(spec: Spec, result: dict, command: str) -> str:
         "Columns: per-tier accuracy of the final global model evaluated at the tier's setting; "
         "FLOPs are training FLOPs per token counted from routed experts (forward + backward); "
         "load CV is the coefficient of variation of routed tokens across experts, averaged over "
-        "layers, in the last round; dead experts get under 10% of the uniform load.", "",
-        "![accuracy per tier](plots/accuracy_per_tier.png)", "",
+        "layers, in the last round; dead experts get under 10% of the uniform load.", ""]
+    if rescored:  # the plots are of the recorded mode: compare.md's
+        return "\n".join(lines)
+    lines += ["![accuracy per tier](plots/accuracy_per_tier.png)", "",
         "![accuracy over rounds](plots/accuracy_over_rounds.png)", "",
         "![expert load](plots/expert_load.png)", "", "![FLOPs per tier](plots/flops_per_tier.png)", ""]
     return "\n".join(lines)
@@ -318,23 +338,36 @@ def plot_all(spec: Spec, result: dict, runs: dict, out: Path) -> None:
 
 
 def compare(spec_path: Path, out: Path, jobs: int, extra: list[str], command: str, force: bool = False,
-            report_only: bool = False) -> Path:
+            report_only: bool = False, mode: str | None = None) -> Path:
+    """Train (or reuse) every run of the spec and write compare.md, summary.json and plots; with
+    `mode` other than the runs' eval.mode, score the final checkpoints again in it and write
+    compare-MODE.md and summary-MODE.json instead."""
     spec = read_spec(spec_path)
     pending = []
     if report_only:
         spec, runs, pending = finished_part(spec, out, extra)
     else:
         runs = run_all(spec, out, jobs, extra, force, command)
-    result = summarise(spec, runs)
-    (out / "summary.json").write_text(json.dumps(result, indent=1))
-    plot_all(spec, result, runs, out)
-    from pipeline.eval.async_report import compare_section  # accuracy against virtual time
-    from pipeline.eval.convergence import convergence_section  # FedSmoothLoRA's claim
+    recorded = {load_config(run / "config.yaml").eval.mode for run in runs.values()}
+    rescored = mode if mode is not None and recorded != {mode} else None
+    scores = None
+    if rescored:
+        from pipeline.eval.compare_rescore import rescore
 
-    extra = compare_section(spec, runs, out, _save, lambda w, h: Figure(figsize=(w, h)))
-    extra += convergence_section(spec, runs)
-    path = out / "compare.md"
-    text = markdown(spec, result, command)
+        scores = rescore(runs, rescored, out, jobs, command)
+    result = summarise(spec, runs, scores)
+    suffix = f"-{rescored}" if rescored else ""
+    (out / f"summary{suffix}.json").write_text(json.dumps(result, indent=1))
+    extra = []
+    if not rescored:
+        plot_all(spec, result, runs, out)
+        from pipeline.eval.async_report import compare_section  # accuracy against virtual time
+        from pipeline.eval.convergence import convergence_section  # FedSmoothLoRA's claim
+
+        extra = compare_section(spec, runs, out, _save, lambda w, h: Figure(figsize=(w, h)))
+        extra += convergence_section(spec, runs)
+    path = out / f"compare{suffix}.md"
+    text = markdown(spec, result, command, rescored)
     if pending:  # a partial report says so before its first table
         text = text.replace("\n\n| method |", f"\n\n**Partial**: not yet finished: {', '.join(pending)}.\n\n| method |", 1)
     path.write_text("\n".join([text, *extra]))

@@ -33,6 +33,11 @@ class Job:
     seed: int
     run: Path
     command: list[str] | None  # fedmoe arguments; None: finished with the same config, reused
+    log_suffix: str = ""  # its log is OUT/logs/<method>-seed<S><suffix>.log
+
+    @property
+    def log_name(self) -> str:
+        return f"{self.method}-seed{self.seed}{self.log_suffix}.log"
 
 
 def run_overrides(spec, method: str, seed: int, extra: list[str]) -> list[str]:
@@ -87,8 +92,9 @@ def _finished(run: Path) -> bool:
     return (run / "final" / "adapter.safetensors").is_file() and (run / "report.md").is_file()
 
 
-def launch(jobs: list[Job], out: Path, parallel: int, command: str) -> None:
-    """Train the jobs that need it, `parallel` at a time, each on cores / parallel threads."""
+def launch(jobs: list[Job], out: Path, parallel: int, command: str, finished=None, what: str = "runs") -> None:
+    """Train the jobs that need it, `parallel` at a time, each on cores / parallel threads.
+    `finished(job)`: whether a job that exited did its work (default: its run finished)."""
     todo = [job for job in jobs if job.command is not None]
     threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
@@ -105,11 +111,11 @@ def launch(jobs: list[Job], out: Path, parallel: int, command: str) -> None:
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as progress:
-            task = progress.add_task("runs", total=len(jobs), completed=len(jobs) - len(todo))
+            task = progress.add_task(what, total=len(jobs), completed=len(jobs) - len(todo))
             while (todo and not stop) or running:
                 while todo and not stop and len(running) < parallel:
                     job = todo.pop(0)
-                    with open(log_dir / f"{job.method}-seed{job.seed}.log", "w") as log:
+                    with open(log_dir / job.log_name, "w") as log:
                         # Own session: a terminal's Ctrl-C reaches compare only, which stops the
                         # children gracefully instead of interrupting them mid-step.
                         proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *job.command], env=env,
@@ -133,7 +139,7 @@ def launch(jobs: list[Job], out: Path, parallel: int, command: str) -> None:
     if stop:
         raise Interrupted(f"compare stopped by {signal.Signals(stop[0]).name}; its runs kept their completed "
                           f"rounds: run `{command}` again to continue", 128 + stop[0])
-    _report_failures(ended, log_dir, command)
+    _report_failures(ended, log_dir, command, finished or (lambda job: _finished(job.run)))
 
 
 def _forward(running: dict, told: set[int]) -> None:
@@ -143,15 +149,15 @@ def _forward(running: dict, told: set[int]) -> None:
             told.add(pid)
 
 
-def _report_failures(ended: list[tuple[Job, int]], log_dir: Path, command: str) -> None:
+def _report_failures(ended: list[tuple[Job, int]], log_dir: Path, command: str, finished) -> None:
     """Exit 2 if a run needs the user (it exited 2: its own line says why), else exit 1 if one
     ended early (a crash, a signal, too few clients): running compare again resumes it."""
     permanent = [job for job, code in ended if code == 2]
     if permanent:
         names = ", ".join(f"{j.method}-seed{j.seed}" for j in permanent)
-        why = _last_error(log_dir / f"{permanent[0].method}-seed{permanent[0].seed}.log")
+        why = _last_error(log_dir / permanent[0].log_name)
         raise UserError(f"compare: {names} failed: {why} (logs in {log_dir})")
-    unfinished = [job for job, _ in ended if not _finished(job.run)]
+    unfinished = [job for job, _ in ended if not finished(job)]
     if unfinished:
         names = ", ".join(f"{j.method}-seed{j.seed}" for j in unfinished)
         raise RetryableError(f"compare: {names} did not finish (logs in {log_dir}); run `{command}` "
