@@ -358,18 +358,18 @@ def compare(spec_path: Path, out: Path, jobs: int, extra: list[str], command: st
     result = summarise(spec, runs, scores)
     suffix = f"-{rescored}" if rescored else ""
     (out / f"summary{suffix}.json").write_text(json.dumps(result, indent=1))
-    extra = []
+    sections = []
     if not rescored:
         plot_all(spec, result, runs, out)
         from pipeline.eval.async_report import compare_section  # accuracy against virtual time
         from pipeline.eval.convergence import convergence_section  # FedSmoothLoRA's claim
 
-        extra = compare_section(spec, runs, out, _save, lambda w, h: Figure(figsize=(w, h)))
-        extra += convergence_section(spec, runs)
+        sections = compare_section(spec, runs, out, _save, lambda w, h: Figure(figsize=(w, h)))
+        sections += convergence_section(spec, runs)
     path = out / f"compare{suffix}.md"
     text = markdown(spec, result, command, rescored)
     if pending:  # a partial report says so before its first table
         text = text.replace("\n\n| method |", f"\n\n**Partial**: not yet finished: {', '.join(pending)}.\n\n| method |", 1)
-    path.write_text("\n".join([text, *extra]))
+    path.write_text("\n".join([text, *sections]))
     console.print(path.read_text().split("\n\n![")[0])
     return path
