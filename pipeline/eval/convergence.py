@@ -1,6 +1,7 @@
 """compare.md's convergence section: FedSmoothLoRA's claim is faster and smoother convergence
-than FedAvgLoRA (`fedit`), so per method it gives the rounds to reach the reference method's
-final training loss and the mean jump of the training loss at round starts (step_loss.py).
+than FedAvgLoRA, so per method it gives the rounds to reach a reference method's final training
+loss (the spec's `convergence_reference`, else its `reference`) and the mean jump of the
+training loss at round starts (step_loss.py).
 
 A round's training loss is the mean over the round's clients of each client's mean loss over its
 local steps (`train_loss` of its `client` event): a population view, since the sampled clients
@@ -33,6 +34,11 @@ def rounds_to_reach(curve: dict[int, float], target: float) -> int | None:
     return next((r for r, loss in sorted(curve.items()) if loss <= target), None)
 
 
+def _reference(spec) -> str:
+    """The spec's `convergence_reference`, else its `reference`, else its first method."""
+    return getattr(spec, "convergence_reference", None) or spec.reference or list(spec.methods)[0]
+
+
 def _interval(values: list[float]) -> str:
     iv = mean_interval(values)
     return f"{iv.mean:+.3f}" if iv.n < 2 else f"{iv.mean:+.3f} ± {iv.half:.3f}"
@@ -47,7 +53,7 @@ def convergence_rows(spec, runs: dict[tuple[str, int], Path]) -> list[dict] | No
     curves = {key: round_train_loss(ev) for key, ev in events.items()}
     if not all(curves.values()):
         return None
-    reference = spec.reference or methods[0]
+    reference = _reference(spec)
     rows = []
     for m in methods:
         reach, finals, jumps = [], [], []
@@ -67,7 +73,7 @@ def convergence_section(spec, runs: dict[tuple[str, int], Path]) -> list[str]:
     rows = convergence_rows(spec, runs)
     if rows is None:
         return []
-    reference = spec.reference or list(spec.methods)[0]
+    reference = _reference(spec)
     n_rounds = max(max(round_train_loss(read_metrics(run))) for run in runs.values())
     lines = ["", "## Convergence", "",
              f"Training loss of a round: the mean over its clients of their mean loss over the local steps. "

@@ -145,3 +145,11 @@ def test_a_bad_contrast_is_a_user_error(tmp_path, contrasts):
                     "methods: {smoe: ['algorithm.name=smoe'], ubsmoe: ['algorithm.name=ubsmoe']}\n")
     with pytest.raises(UserError, match="contrasts"):
         compare.read_spec(spec)
+
+
+def test_unknown_convergence_reference_is_a_user_error(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"base: {REPO / 'tests/fixtures/tiny_run.yaml'}\nconvergence_reference: fedit\n"
+                    "methods: {smoe: ['algorithm.name=smoe']}\n")
+    with pytest.raises(UserError, match="convergence_reference: 'fedit' is not one of the methods"):
+        compare.read_spec(spec)

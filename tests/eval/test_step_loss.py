@@ -69,3 +69,14 @@ def test_convergence_rows_count_rounds_to_the_references_final_loss_per_seed(tmp
                                     pytest.approx(((2.5 - 3.0) + (1.0 - 2.5)) / 2 + 1.0)]
     text = "\n".join(convergence_section(spec, runs))
     assert "| fast | 2.0 (1/2 seeds) | 1.150 |" in text and "| ref | 3.0 (2/2 seeds) | 1.250 |" in text
+
+
+def test_convergence_counts_rounds_to_the_convergence_reference_when_the_spec_names_one(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.eval.convergence import convergence_rows
+
+    spec = SimpleNamespace(methods={"ref": [], "fast": []}, seeds=[0], reference="ref", convergence_reference="fast")
+    runs = {("ref", 0): _run(tmp_path / "r0", [3.0, 2.0, 1.5]), ("fast", 0): _run(tmp_path / "f0", [2.0, 1.4, 1.2])}
+    rows = {row["method"]: row for row in convergence_rows(spec, runs)}
+    assert rows["fast"]["reach"] == [3] and rows["ref"]["reach"] == [None]  # fast's final loss is 1.2
