@@ -115,14 +115,6 @@ def test_markdown_marks_differences_that_exclude_zero(made_up):
     assert "| fedit | " in text and text.count("| fedit | ") == 1  # no difference row for the reference
 
 
-def test_unknown_reference_is_a_user_error(tmp_path):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(f"base: {REPO / 'tests/fixtures/tiny_run.yaml'}\nreference: fedit\n"
-                    "methods: {smoe: ['algorithm.name=smoe']}\n")
-    with pytest.raises(UserError, match="reference: 'fedit' is not one of the methods"):
-        compare.read_spec(spec)
-
-
 def test_contrasts_are_paired_differences_between_two_named_methods(made_up):
     spec, _ = made_up
     spec = compare.Spec(spec.base, spec.seeds, [], spec.methods, "fedit", [("better", "same")])
@@ -138,18 +130,16 @@ def test_contrasts_are_paired_differences_between_two_named_methods(made_up):
                    f"{compare._diff(iv)} | {compare._diff(result['better']['contrasts']['same']['average'])} |"]
 
 
-@pytest.mark.parametrize("contrasts", ["['smoe - smoe']", "['smoe - fedit']", "['smoe-ubsmoe']", "'smoe - x'"])
-def test_a_bad_contrast_is_a_user_error(tmp_path, contrasts):
+@pytest.mark.parametrize("key, methods, match", [
+    ("reference: fedit", "smoe", "reference: 'fedit' is not one of the methods"),
+    ("convergence_reference: fedit", "smoe", "convergence_reference: 'fedit' is not one of the methods"),
+    ("contrasts: ['smoe - smoe']", "smoe, ubsmoe", "contrasts: 'smoe - smoe'"),
+    ("contrasts: ['smoe - fedit']", "smoe, ubsmoe", "contrasts: 'smoe - fedit'"),
+    ("contrasts: ['smoe-ubsmoe']", "smoe, ubsmoe", "contrasts: 'smoe-ubsmoe'"),
+    ("contrasts: 'smoe - x'", "smoe, ubsmoe", "contrasts: a list")])
+def test_a_spec_naming_an_unknown_or_bad_method_is_a_user_error(tmp_path, key, methods, match):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(f"base: {REPO / 'tests/fixtures/tiny_run.yaml'}\ncontrasts: {contrasts}\n"
-                    "methods: {smoe: ['algorithm.name=smoe'], ubsmoe: ['algorithm.name=ubsmoe']}\n")
-    with pytest.raises(UserError, match="contrasts"):
-        compare.read_spec(spec)
-
-
-def test_unknown_convergence_reference_is_a_user_error(tmp_path):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(f"base: {REPO / 'tests/fixtures/tiny_run.yaml'}\nconvergence_reference: fedit\n"
-                    "methods: {smoe: ['algorithm.name=smoe']}\n")
-    with pytest.raises(UserError, match="convergence_reference: 'fedit' is not one of the methods"):
+    listed = ", ".join(f"{m}: ['algorithm.name={m}']" for m in methods.split(", "))
+    spec.write_text(f"base: {REPO / 'tests/fixtures/tiny_run.yaml'}\n{key}\nmethods: {{{listed}}}\n")
+    with pytest.raises(UserError, match=match):
         compare.read_spec(spec)
