@@ -65,7 +65,8 @@ def convergence_rows(spec, runs: dict[tuple[str, int], Path]) -> list[dict] | No
             jump = jump_summary(events[(m, s)]).get(ALL)
             if jump is not None:
                 jumps.append(jump)
-        rows.append({"method": m, "reach": reach, "final_loss": finals, "jumps": jumps})
+        rows.append({"method": m, "reach": reach, "final_loss": finals, "jumps": jumps,
+                     "rounds": max(max(curves[(m, s)]) for s in spec.seeds)})
     return rows
 
 
@@ -74,7 +75,7 @@ def convergence_section(spec, runs: dict[tuple[str, int], Path]) -> list[str]:
     if rows is None:
         return []
     reference = _reference(spec)
-    n_rounds = max(max(round_train_loss(read_metrics(run))) for run in runs.values())
+    n_rounds = max(row["rounds"] for row in rows)  # read once, by convergence_rows
     lines = ["", "## Convergence", "",
              f"Training loss of a round: the mean over its clients of their mean loss over the local steps. "
              f"Rounds to reach: the first round at or below `{reference}`'s last-round training loss of the "
