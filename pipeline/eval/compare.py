@@ -38,7 +38,7 @@ class Spec:
     reference: str | None  # every method's per-seed paired difference to this one is tabulated
     contrasts: list[tuple[str, str]] = ()  # (a, b): a's per-seed paired difference to b, tabulated too
     path: Path | None = None  # the spec file, named in compare.md's title
-    convergence_reference: str | None = None  # whose final training loss the convergence table counts rounds to
+    convergence_reference: tuple[str, ...] = ()  # whose final training loss the convergence table counts rounds to
 
 
 def read_spec(path: Path) -> Spec:
@@ -67,16 +67,18 @@ def read_spec(path: Path) -> Spec:
     if reference is not None and str(reference) not in map(str, methods):
         raise UserError(f"{path}: reference: {reference!r} is not one of the methods ({', '.join(map(str, methods))})")
     contrasts = _read_contrasts(path, raw.get("contrasts", []), list(map(str, methods)))
-    loss_reference = raw.get("convergence_reference")
-    if loss_reference is not None and str(loss_reference) not in map(str, methods):
-        raise UserError(f"{path}: convergence_reference: {loss_reference!r} is not one of the methods "
-                        f"({', '.join(map(str, methods))})")
+    loss_references = raw.get("convergence_reference", [])  # one name or a list of names
+    loss_references = loss_references if isinstance(loss_references, list) else [loss_references]
+    for loss_reference in loss_references:
+        if str(loss_reference) not in map(str, methods):
+            raise UserError(f"{path}: convergence_reference: {loss_reference!r} is not one of the methods "
+                            f"({', '.join(map(str, methods))})")
     base = Path(raw.get("base", "configs/default.yaml"))
     if not base.is_absolute() and not base.exists():
         base = path.parent / base
     spec = Spec(base, seeds, list(raw.get("overrides", [])),
                 {str(k): list(v or []) for k, v in methods.items()}, reference, contrasts, path,
-                None if loss_reference is None else str(loss_reference))
+                tuple(map(str, loss_references)))
     for name, overrides in spec.methods.items():  # fail now, not in run 17 of 30
         load_config(spec.base, [*spec.overrides, *overrides, "seed=0"])
     return spec
@@ -129,7 +131,7 @@ def finished_part(spec: Spec, out: Path, extra: list[str]) -> tuple[Spec, dict, 
     part = replace(spec, methods={m: spec.methods[m] for m in done},
                    reference=spec.reference if spec.reference in done else None,
                    contrasts=[(a, b) for a, b in spec.contrasts if a in done and b in done],
-                   convergence_reference=spec.convergence_reference if spec.convergence_reference in done else None)
+                   convergence_reference=tuple(m for m in spec.convergence_reference if m in done))
     pending = [m for m in spec.methods if m not in done]
     return part, {(j.method, j.seed): j.run for j in jobs if j.method in done}, pending
 

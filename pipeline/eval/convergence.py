@@ -1,7 +1,7 @@
 """compare.md's convergence section: FedSmoothLoRA's claim is faster and smoother convergence
-than FedAvgLoRA, so per method it gives the rounds to reach a reference method's final training
-loss (the spec's `convergence_reference`, else its `reference`) and the mean jump of the
-training loss at round starts (step_loss.py).
+than FedAvgLoRA, so per method it gives the rounds to reach each reference method's final
+training loss (the spec's `convergence_reference`, one name or several, else its `reference`)
+and the mean jump of the training loss at round starts (step_loss.py).
 
 A round's training loss is the mean over the round's clients of each client's mean loss over its
 local steps (`train_loss` of its `client` event): a population view, since the sampled clients
@@ -34,9 +34,11 @@ def rounds_to_reach(curve: dict[int, float], target: float) -> int | None:
     return next((r for r, loss in sorted(curve.items()) if loss <= target), None)
 
 
-def _reference(spec) -> str:
-    """The spec's `convergence_reference`, else its `reference`, else its first method."""
-    return getattr(spec, "convergence_reference", None) or spec.reference or list(spec.methods)[0]
+def _references(spec) -> list[str]:
+    """The spec's `convergence_reference` names, else its `reference`, else its first method."""
+    named = getattr(spec, "convergence_reference", None) or ()
+    named = [named] if isinstance(named, str) else list(named)
+    return named or [spec.reference or list(spec.methods)[0]]
 
 
 def _interval(values: list[float]) -> str:
@@ -45,22 +47,22 @@ def _interval(values: list[float]) -> str:
 
 
 def convergence_rows(spec, runs: dict[tuple[str, int], Path]) -> list[dict] | None:
-    """Per method: rounds to reach the reference's final training loss (per seed, None: never),
-    its own final training loss and its mean jump at round starts, per seed. None when the runs
-    recorded no client losses."""
+    """Per method: rounds to reach each reference's final training loss (reference -> per seed,
+    None: never), its own final training loss and its mean jump at round starts, per seed. None
+    when the runs recorded no client losses."""
     methods = list(spec.methods)
     events = {key: read_metrics(run) for key, run in runs.items()}
     curves = {key: round_train_loss(ev) for key, ev in events.items()}
     if not all(curves.values()):
         return None
-    reference = _reference(spec)
+    references = _references(spec)
     rows = []
     for m in methods:
-        reach, finals, jumps = [], [], []
+        reach, finals, jumps = {ref: [] for ref in references}, [], []
         for s in spec.seeds:
-            target = curves[(reference, s)][max(curves[(reference, s)])]
             curve = curves[(m, s)]
-            reach.append(rounds_to_reach(curve, target))
+            for ref in references:
+                reach[ref].append(rounds_to_reach(curve, curves[(ref, s)][max(curves[(ref, s)])]))
             finals.append(curve[max(curve)])
             jump = jump_summary(events[(m, s)]).get(ALL)
             if jump is not None:
@@ -74,21 +76,24 @@ def convergence_section(spec, runs: dict[tuple[str, int], Path]) -> list[str]:
     rows = convergence_rows(spec, runs)
     if rows is None:
         return []
-    reference = _reference(spec)
+    references = _references(spec)
     n_rounds = max(row["rounds"] for row in rows)  # read once, by convergence_rows
     lines = ["", "## Convergence", "",
              f"Training loss of a round: the mean over its clients of their mean loss over the local steps. "
-             f"Rounds to reach: the first round at or below `{reference}`'s last-round training loss of the "
+             f"Rounds to reach X: the first round at or below X's last-round training loss of the "
              f"same seed (mean over the seeds that reach it, of {n_rounds} rounds). Jump: a round's mean "
              "first-step loss minus the previous round's mean last-step loss, averaged over round starts "
              "(mean ± half-width of the 95% t interval over seeds); a method that restarts each round from "
              "another point than where its clients ended jumps up.", "",
-             f"| method | rounds to reach {reference}'s final training loss | final training loss "
-             "| mean loss jump at round starts |", "|---|---|---|---|"]
+             "| method | " + "".join(f"rounds to reach {ref}'s final training loss | " for ref in references)
+             + "final training loss | mean loss jump at round starts |", "|---" * (3 + len(references)) + "|"]
     for row in rows:
-        got = [r for r in row["reach"] if r is not None]
-        reached = (f"{np.mean(got):.1f} ({len(got)}/{len(row['reach'])} seeds)" if got
-                   else f"never (0/{len(row['reach'])})")
+        reached = "".join(f"{_reached(row['reach'][ref])} | " for ref in references)
         jumps = _interval(row["jumps"]) if row["jumps"] else "-"
-        lines.append(f"| {row['method']} | {reached} | {np.mean(row['final_loss']):.3f} | {jumps} |")
+        lines.append(f"| {row['method']} | {reached}{np.mean(row['final_loss']):.3f} | {jumps} |")
     return lines
+
+
+def _reached(reach: list[int | None]) -> str:
+    got = [r for r in reach if r is not None]
+    return f"{np.mean(got):.1f} ({len(got)}/{len(reach)} seeds)" if got else f"never (0/{len(reach)})"

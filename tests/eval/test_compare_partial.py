@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 def _spec(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text(f"base: {REPO / 'tests/fixtures/tiny_run.yaml'}\nseeds: [0, 1]\nreference: ubsmoe\n"
-                    "contrasts: ['smoe - ubsmoe', 'smoe - hetlora']\n"
+                    "contrasts: ['smoe - ubsmoe', 'smoe - hetlora']\nconvergence_reference: [ubsmoe, smoe]\n"
                     "methods: {smoe: ['algorithm.name=smoe'], ubsmoe: ['algorithm.name=ubsmoe'],"
                     " hetlora: ['algorithm.name=hetlora']}\n")
     return compare.read_spec(path)
@@ -40,6 +40,7 @@ def test_report_only_summarises_the_finished_methods_and_names_the_rest(tmp_path
     part, runs, pending = compare.finished_part(spec, out, [])
     assert list(part.methods) == ["smoe", "hetlora"] and pending == ["ubsmoe"]
     assert part.reference is None and part.contrasts == [("smoe", "hetlora")]
+    assert spec.convergence_reference == ("ubsmoe", "smoe") and part.convergence_reference == ("smoe",)
     assert sorted(runs) == [("hetlora", 0), ("hetlora", 1), ("smoe", 0), ("smoe", 1)]
 
     accuracy = {"smoe": 0.6, "hetlora": 0.5}

@@ -133,6 +133,7 @@ def test_contrasts_are_paired_differences_between_two_named_methods(made_up):
 @pytest.mark.parametrize("key, methods, match", [
     ("reference: fedit", "smoe", "reference: 'fedit' is not one of the methods"),
     ("convergence_reference: fedit", "smoe", "convergence_reference: 'fedit' is not one of the methods"),
+    ("convergence_reference: [smoe, fedit]", "smoe", "convergence_reference: 'fedit' is not one of the methods"),
     ("contrasts: ['smoe - smoe']", "smoe, ubsmoe", "contrasts: 'smoe - smoe'"),
     ("contrasts: ['smoe - fedit']", "smoe, ubsmoe", "contrasts: 'smoe - fedit'"),
     ("contrasts: ['smoe-ubsmoe']", "smoe, ubsmoe", "contrasts: 'smoe-ubsmoe'"),

@@ -61,8 +61,8 @@ def test_convergence_rows_count_rounds_to_the_references_final_loss_per_seed(tmp
         == {1: 3.0, 2: 2.0, 3: 1.5}
     assert rounds_to_reach({1: 3.0, 2: 1.5, 3: 1.0}, 1.5) == 2 and rounds_to_reach({1: 3.0}, 1.0) is None
     rows = {row["method"]: row for row in convergence_rows(spec, runs)}
-    assert rows["ref"]["reach"] == [3, 3]
-    assert rows["fast"]["reach"] == [2, None]  # seed 1: 1.1 never reaches the reference's 1.0
+    assert rows["ref"]["reach"] == {"ref": [3, 3]}
+    assert rows["fast"]["reach"] == {"ref": [2, None]}  # seed 1: 1.1 never reaches the reference's 1.0
     assert rows["fast"]["final_loss"] == [1.2, 1.1]
     # jumps: first step of round t (mean + 0.5) minus last step of round t - 1 (mean - 0.5)
     assert rows["ref"]["jumps"] == [pytest.approx(((2.0 - 3.0) + (1.5 - 2.0)) / 2 + 1.0),
@@ -71,12 +71,18 @@ def test_convergence_rows_count_rounds_to_the_references_final_loss_per_seed(tmp
     assert "| fast | 2.0 (1/2 seeds) | 1.150 |" in text and "| ref | 3.0 (2/2 seeds) | 1.250 |" in text
 
 
-def test_convergence_counts_rounds_to_the_convergence_reference_when_the_spec_names_one(tmp_path):
+def test_convergence_counts_rounds_to_each_convergence_reference_the_spec_names(tmp_path):
     from types import SimpleNamespace
 
-    from pipeline.eval.convergence import convergence_rows
+    from pipeline.eval.convergence import convergence_rows, convergence_section
 
     spec = SimpleNamespace(methods={"ref": [], "fast": []}, seeds=[0], reference="ref", convergence_reference="fast")
     runs = {("ref", 0): _run(tmp_path / "r0", [3.0, 2.0, 1.5]), ("fast", 0): _run(tmp_path / "f0", [2.0, 1.4, 1.2])}
     rows = {row["method"]: row for row in convergence_rows(spec, runs)}
-    assert rows["fast"]["reach"] == [3] and rows["ref"]["reach"] == [None]  # fast's final loss is 1.2
+    assert rows["fast"]["reach"] == {"fast": [3]} and rows["ref"]["reach"] == {"fast": [None]}  # fast ends at 1.2
+    spec.convergence_reference = ("fast", "ref")  # as read_spec gives it: one column per reference
+    rows = {row["method"]: row for row in convergence_rows(spec, runs)}
+    assert rows["ref"]["reach"] == {"fast": [None], "ref": [3]} and rows["fast"]["reach"] == {"fast": [3], "ref": [2]}
+    text = "\n".join(convergence_section(spec, runs))
+    assert "| method | rounds to reach fast's final training loss | rounds to reach ref's final training loss |" in text
+    assert "| ref | never (0/1) | 3.0 (1/1 seeds) | 1.500 |" in text
