@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.eval.metrics import read_metrics
-from pipeline.eval.stats import mean_interval
+from pipeline.eval.stats import mean_interval, paired_interval
 from pipeline.eval.step_loss import ALL, jump_summary
 
 
@@ -91,6 +91,23 @@ def convergence_section(spec, runs: dict[tuple[str, int], Path]) -> list[str]:
         reached = "".join(f"{_reached(row['reach'][ref])} | " for ref in references)
         jumps = _interval(row["jumps"]) if row["jumps"] else "-"
         lines.append(f"| {row['method']} | {reached}{np.mean(row['final_loss']):.3f} | {jumps} |")
+    return lines + _contrast_lines(getattr(spec, "contrasts", ()), {row["method"]: row for row in rows})
+
+
+def _contrast_lines(contrasts, rows: dict[str, dict]) -> list[str]:
+    """The spec's contrasts as paired per-seed differences of final training loss and mean jump."""
+    pairs = [(a, b) for a, b in contrasts
+             if a in rows and b in rows and len(rows[a]["jumps"]) == len(rows[b]["jumps"]) > 0]
+    if not pairs:
+        return []
+    lines = ["", "Contrasts: per seed, the first method's value minus the second's (mean ± half-width of the "
+             "95% t interval; **bold**: the interval excludes zero).", "",
+             "| contrast | final training loss | mean loss jump at round starts |", "|---|---|---|"]
+    for a, b in pairs:
+        cells = [paired_interval(rows[a][key], rows[b][key]) for key in ("final_loss", "jumps")]
+        text = [f"{iv.mean:+.3f}" if iv.n < 2 else f"{iv.mean:+.3f} ± {iv.half:.3f}" for iv in cells]
+        text = [f"**{t}**" if iv.excludes_zero else t for t, iv in zip(text, cells)]
+        lines.append(f"| {a} - {b} | {text[0]} | {text[1]} |")
     return lines
 
 

@@ -1,6 +1,7 @@
 """Per-step training losses across rounds: the curve means, the round-start jumps, the report."""
 import json
 
+import numpy as np
 import pytest
 
 from pipeline.eval.report import write_report
@@ -69,6 +70,12 @@ def test_convergence_rows_count_rounds_to_the_references_final_loss_per_seed(tmp
                                     pytest.approx(((2.5 - 3.0) + (1.0 - 2.5)) / 2 + 1.0)]
     text = "\n".join(convergence_section(spec, runs))
     assert "| fast | 2.0 (1/2 seeds) | 1.150 |" in text and "| ref | 3.0 (2/2 seeds) | 1.250 |" in text
+    assert "| contrast |" not in text  # the spec names none
+    spec.contrasts = [("fast", "ref")]
+    text = "\n".join(convergence_section(spec, runs))
+    diffs = [1.2 - 1.5, 1.1 - 1.0]  # final losses, per seed
+    half = 12.706204736174703 * np.std(diffs, ddof=1) / np.sqrt(2)
+    assert f"| fast - ref | {np.mean(diffs):+.3f} ± {half:.3f} | " in text
 
 
 def test_convergence_counts_rounds_to_each_convergence_reference_the_spec_names(tmp_path):
