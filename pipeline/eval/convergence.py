@@ -42,7 +42,10 @@ def _references(spec) -> list[str]:
 
 
 def _interval(values: list[float]) -> str:
-    iv = mean_interval(values)
+    return _text(mean_interval(values))
+
+
+def _text(iv) -> str:
     return f"{iv.mean:+.3f}" if iv.n < 2 else f"{iv.mean:+.3f} ± {iv.half:.3f}"
 
 
@@ -105,8 +108,7 @@ def _contrast_lines(contrasts, rows: dict[str, dict]) -> list[str]:
              "| contrast | final training loss | mean loss jump at round starts |", "|---|---|---|"]
     for a, b in pairs:
         cells = [paired_interval(rows[a][key], rows[b][key]) for key in ("final_loss", "jumps")]
-        text = [f"{iv.mean:+.3f}" if iv.n < 2 else f"{iv.mean:+.3f} ± {iv.half:.3f}" for iv in cells]
-        text = [f"**{t}**" if iv.excludes_zero else t for t, iv in zip(text, cells)]
+        text = [f"**{_text(iv)}**" if iv.excludes_zero else _text(iv) for iv in cells]
         lines.append(f"| {a} - {b} | {text[0]} | {text[1]} |")
     return lines
 
