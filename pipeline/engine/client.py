@@ -173,6 +173,10 @@ class ClientEngine:
         return self.engine.module
 
     @property
+    def device(self) -> torch.device:
+        return torch.device(self.engine.device)
+
+    @property
     def unmapped_masters(self) -> dict[int, Tensor]:
         """fp32 master copies that DeepSpeed's safe_{get,set}_full_fp32_param cannot reach, by
         id of the model parameter. At ZeRO 0 with bf16 DeepSpeed wraps a non-fused optimizer in

@@ -207,6 +207,15 @@ def _run_section(summary: dict) -> list[str]:
              f"- status: {summary['status']}, {summary['rounds']} training rounds",
              f"- training time (sum of round times): {duration(t['train_seconds'])}",
              f"- wall clock (first to last event): {duration(t['wall_seconds'])}"]
+    phases = t.get("phases") or {}
+    if phases:
+        order = ["load", "train", "aggregate", "evaluate", "checkpoint", "export"]
+        named = sorted(phases, key=lambda p: order.index(p) if p in order else len(order))
+        lines.append("- where the time went (world rank 0): "
+                     + ", ".join(f"{p} {duration(phases[p])}" for p in named))
+    if t.get("peak_memory_gib"):
+        lines.append("- peak memory while training a client: "
+                     + ", ".join(f"{tier} {gib:.2f} GiB" for tier, gib in t["peak_memory_gib"].items()))
     if summary.get("utilisation") is not None:
         lines.append(f"- GPU utilisation (busy GPU-seconds / GPUs x round time): {summary['utilisation']:.0%}")
     if t["resumes"]:

@@ -37,6 +37,7 @@ class RunData:
     times: list[float] = field(default_factory=list)
     chance: float | None = None
     clients: list[dict] = field(default_factory=list)  # `client` events (per-step losses)
+    phases: dict[str, float] = field(default_factory=dict)  # world rank 0's seconds per phase
 
 
 def read_config(run_dir: Path) -> dict:
@@ -74,10 +75,16 @@ def collect(run_dir: Path) -> RunData:
             if is_number(event.get("seconds")):
                 data.round_seconds[round_] = float(event["seconds"])
             _add_load(data, event.get("expert_load") or {}, round_)
+        elif kind == "timing":
+            for phase, seconds in event.items():
+                if phase not in ("event", "round", "time") and is_number(seconds):
+                    data.phases[phase] = data.phases.get(phase, 0.0) + float(seconds)
         elif kind == "reject":
             data.rejects.append(event)
         elif kind == "run":
             data.runs.append(event)
+            if is_number(event.get("load_seconds")):
+                data.phases["load"] = data.phases.get("load", 0.0) + float(event["load_seconds"])
         elif kind in ("divergence", "data"):
             data.warnings.append(event)
     return data
@@ -162,11 +169,22 @@ def summarise(data: RunData, run_dir: Path) -> dict:
         "balance": {t: balance_stats(data.load[t]) for t in data.tiers if t in data.load},
         "time": {"train_seconds": sum(data.round_seconds.values()),
                  "wall_seconds": max(data.times) - min(data.times) if data.times else 0.0,
-                 "resumes": statuses.count("resumed")},
+                 "resumes": statuses.count("resumed"), "phases": dict(data.phases),
+                 "peak_memory_gib": _peak_memory(data.clients)},
         "rejected": [{k: e.get(k) for k in ("round", "client", "reason")} for e in data.rejects],
         "warnings": report_lines(data.warnings),
         "loss_jump": jump_summary(data.clients),
     }
+
+
+def _peak_memory(clients: list[dict]) -> dict[str, float]:
+    """tier -> the largest peak memory (GiB) a client of it reported."""
+    peaks: dict[str, float] = {}
+    for e in clients:
+        if is_number(e.get("peak_memory_gib")):
+            tier = str(e.get("tier", "?"))
+            peaks[tier] = max(peaks.get(tier, 0.0), float(e["peak_memory_gib"]))
+    return peaks
 
 
 def load_summary(run_dir: Path) -> dict:

@@ -18,6 +18,7 @@ from pipeline.federation.expert_shards import ExpertShards
 from pipeline.federation.placement import Placement
 from pipeline.federation.inputs import FederatedData, load_federated_data, load_patched_model
 from pipeline.federation.sampling import ADAPTER_INIT, assign_tiers, derive_seed
+from pipeline.federation.timing import PhaseClock
 from pipeline.federation.topology import Topology, current_topology
 from pipeline.model import init_adapter_state
 from pipeline.model.base_delta import base_weight_shapes
@@ -42,6 +43,7 @@ class Federation:
     shards: ExpertShards | None = None  # this rank's experts, when the method aggregates by shard
     sums_layout: list = field(default_factory=list)  # the last round's agreed PackedSums layout
     placement: Placement | None = None  # which group trains which client, and its cost model
+    clock: PhaseClock = field(default_factory=PhaseClock)  # this rank's seconds per phase (timing.py)
 
     @property
     def writes(self) -> bool:  # only world rank 0 writes metrics, checkpoints and outputs

@@ -19,7 +19,7 @@ from pipeline.data.truncate import CHARS_PER_TOKEN
 from pipeline.errors import RetryableError
 from pipeline.eval.balance import balance_stats
 from pipeline.eval.divergence import Diverged, Guard
-from pipeline.federation import assembly, evaluation, placement, signals
+from pipeline.federation import assembly, evaluation, placement, signals, timing
 from pipeline.federation.assembly import Federation
 from pipeline.federation.callbacks import Callback, ProgressDisplay, Report, Teardown, console
 from pipeline.federation.collectives import PackedSums
@@ -46,6 +46,8 @@ def train_client(fed: Federation, client: int, round_: int, progress: ProgressDi
     strategy.configure_model(fed.engine.model, plan)
     on_step, done = (progress.client(f"client {client} ({plan.tier.name}, k={plan.top_k})",
                                      cfg.train.local_steps) if progress is not None else (None, None))
+    device = fed.engine.device
+    timing.reset_peak_memory(device)
     result = fed.engine.train(
         plan.adapters, strategy.setting(plan.top_k, plan.lora_rank), batches,
         extra_loss=lambda m: strategy.extra_loss(m, plan),
@@ -59,7 +61,8 @@ def train_client(fed: Federation, client: int, round_: int, progress: ProgressDi
                         n_samples=len(indices), expert_token_counts=counts, tokens=tokens,
                         metrics={"train_loss": sum(result.losses) / len(result.losses),
                                  "final_loss": result.losses[-1], "seconds": result.seconds,
-                                 "steps": len(result.losses), "losses": result.losses},
+                                 "steps": len(result.losses), "losses": result.losses,
+                                 "peak_memory_gib": timing.peak_memory_gib(device)},
                         extras=strategy.client_extras(fed.engine.model, plan))
 
 
@@ -93,7 +96,8 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
         if signals.requested():  # SIGUSR1/SIGTERM: the clients not started yet wait for the resumed run
             break
         try:
-            update = train_client(fed, client, round_, progress)
+            with fed.clock("train"):
+                update = train_client(fed, client, round_, progress)
         except (RuntimeError, ValueError, FloatingPointError) as exc:  # one bad client must not end the round
             fed.metrics.log("reject", round=round_, client=client, reason=f"client raised: {exc}")
             continue
@@ -108,6 +112,7 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
         load[tier] = load.get(tier, 0) + update.expert_token_counts
         fed.metrics.log("client", round=round_, client=client, tier=tier, top_k=update.top_k,
                         lora_rank=update.lora_rank, n_samples=update.n_samples, **update.metrics)
+    aggregating = time.perf_counter()  # from here: waiting for the other groups, then the sums
     if signals.any_stopped(fed.topology, cfg.federation.collective_timeout):  # any rank stopped: drop the round
         raise signals.Preempted(round_ - 1, offset)
     packed = sums  # every group's sums, loads and updates, identical on all ranks
@@ -121,6 +126,7 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
         raise RoundFailed(f"round {round_}: {len(accepted)} of {len(clients)} clients reported, "
                           f"federation.min_clients={cfg.federation.min_clients}")
     own = strategy.finalize(sums)  # the method's metrics of the new state
+    fed.clock.seconds["aggregate"] = fed.clock.seconds.get("aggregate", 0.0) + time.perf_counter() - aggregating
     fed.tier_stats = tier_training_stats(fed, updates, load)
     seconds = time.perf_counter() - start
     placed = placement.observe(fed, updates, seconds)  # measured busy time per group; the cost model learns
@@ -187,7 +193,7 @@ def execute(cfg: Config, run_dir: Path, start_round: int, resume_offset: int | N
     # The bits are reproducible for a given thread count and library versions: record both.
     fed.metrics.log("run", status="resumed" if state else "started", round=start_round, **record,
                     threads=torch.get_num_threads(), deterministic=torch.are_deterministic_algorithms_enabled(),
-                    torch=torch.__version__)
+                    torch=torch.__version__, load_seconds=timing.process_seconds())
     log_data(fed)
     progress = ProgressDisplay(cfg.logging.progress and fed.writes)
     callbacks: list[Callback] = [progress, Teardown(), Report()]
@@ -211,7 +217,7 @@ class RunSteps:
         """A fresh run's round 0: the base model's evaluation (the divergence guard's reference)
         and first checkpoint; the round the loop starts from."""
         self.evaluated(0)
-        save_round(self.fed, 0)
+        self.checkpoint(0)
         if started is not None and self.fed.writes:
             started()
         return 1
@@ -222,7 +228,8 @@ class RunSteps:
 
     def evaluated(self, round_: int) -> str | None:
         """The round's evaluation; why the run diverged, if it did."""
-        rows = evaluation.evaluate_round(self.fed, round_)
+        with self.fed.clock("evaluate"):
+            rows = evaluation.evaluate_round(self.fed, round_)
         for cb in self.callbacks:
             cb.on_eval(self.fed, round_, rows)
         return self.guard.after_eval(self.fed, rows, console)
@@ -237,7 +244,9 @@ class RunSteps:
             diverged = self.evaluated(round_)
         stopped = stop() if stop is not None else False
         if round_ % cfg.checkpoint.every == 0 or round_ == rounds or diverged or stopped:
-            save_round(fed, round_)
+            self.checkpoint(round_)
+        else:
+            self.log_timing(round_)
         if diverged:  # train.on_divergence: stop; resumable from this round's checkpoint
             self.end("diverged", round_)
             raise Diverged(f"round {round_}: {diverged}")
@@ -247,8 +256,24 @@ class RunSteps:
             cb.on_round_end(fed, round_)
         return None
 
+    def checkpoint(self, round_: int) -> None:
+        # The phases so far go in before the checkpoint, whose metrics offset then keeps them;
+        # the checkpoint's own seconds follow it (a run resumed from it lacks those alone).
+        self.log_timing(round_)
+        with self.fed.clock("checkpoint"):
+            save_round(self.fed, round_)
+        self.log_timing(round_)
+
+    def log_timing(self, round_: int) -> None:
+        """This rank's phase seconds since the last `timing` event (federation/timing.py)."""
+        seconds = self.fed.clock.take()
+        if seconds:
+            self.fed.metrics.log("timing", round=round_, **seconds)
+
     def finish(self) -> str:
-        write_final(self.fed)
+        with self.fed.clock("export"):
+            write_final(self.fed)
+        self.log_timing(self.fed.cfg.federation.rounds)
         return self.end("finished", self.fed.cfg.federation.rounds)
 
     def end(self, status: str, round_: int) -> str:

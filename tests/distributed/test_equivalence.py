@@ -76,6 +76,9 @@ def test_two_groups_of_two_ranks_under_zero2_match_the_single_process_run(refere
     for k in want:  # a coarse per-tensor bound: a lost shard or client would move whole tensors
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-2 * want[k].abs().max().item(), msg=k)
     _same_record(out, reference, loss_rtol=1e-4)
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    clients = [e for e in events if e["event"] == "client"]  # both groups' clients, through rank 0
+    assert len(clients) == 6 and all(c["peak_memory_gib"] > 0 for c in clients)
 
 
 def test_killed_mpi_run_resumes_under_mpi_to_the_same_adapters(reference, tmp_path):

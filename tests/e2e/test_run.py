@@ -39,6 +39,28 @@ def test_run_directory_contract(finished_run):
     assert resolved["federation"]["rounds"] == 3
 
 
+def test_run_records_where_its_time_and_memory_went(finished_run):
+    events = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    start = next(e for e in events if e["event"] == "run")
+    assert start["load_seconds"] > 0
+    phases: dict[int, dict[str, float]] = {}
+    for e in (e for e in events if e["event"] == "timing"):
+        for phase, seconds in e.items():
+            if phase not in ("event", "round", "time"):
+                assert seconds >= 0, (e["round"], phase)
+                phases.setdefault(e["round"], {})[phase] = phases.get(e["round"], {}).get(phase, 0) + seconds
+    assert set(phases[0]) == {"evaluate", "checkpoint"}  # the base model's round 0
+    assert set(phases[1]) == set(phases[2]) == {"train", "aggregate", "evaluate", "checkpoint"}
+    assert set(phases[3]) == {"train", "aggregate", "evaluate", "checkpoint", "export"}
+    for r in (e for e in events if e["event"] == "round"):  # both inside the round's own seconds
+        assert 0 < phases[r["round"]]["train"] + phases[r["round"]]["aggregate"] <= r["seconds"]
+    clients = [e for e in events if e["event"] == "client"]
+    assert all(c["peak_memory_gib"] > 0 for c in clients)
+    report = (finished_run / "report.md").read_text()
+    assert "where the time went (world rank 0): load " in report and ", export " in report
+    assert "peak memory while training a client: high " in report
+
+
 def test_merged_model_loads_as_plain_hugging_face_model(finished_run):
     from transformers import OlmoeForCausalLM
 
