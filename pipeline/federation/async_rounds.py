@@ -107,7 +107,8 @@ class AsyncLoop:
         current = strategy.global_adapters
         strategy.global_adapters = strategy.versions[d.version]  # the version it was dispatched with
         try:
-            update = rounds.train_client(self.fed, d.client, d.seq, self.progress)
+            with self.fed.clock("train"):
+                update = rounds.train_client(self.fed, d.client, d.seq, self.progress)
         except (RuntimeError, ValueError, FloatingPointError) as exc:  # one bad client must not end the run
             self.fed.metrics.log("reject", round=self.round, seq=d.seq, client=d.client, reason=f"client raised: {exc}")
             return None
@@ -126,6 +127,10 @@ class AsyncLoop:
                 self.trained[d.seq] = update
 
     def aggregate(self, g: clock.Aggregation) -> None:
+        with self.fed.clock("aggregate"):
+            self._aggregate(g)
+
+    def _aggregate(self, g: clock.Aggregation) -> None:
         fed, strategy = self.fed, self.strategy
         current = g.version - 1
         sums = PackedSums(fed.sums_layout)

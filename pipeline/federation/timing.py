@@ -2,9 +2,10 @@
 
 - `load_seconds` on the run's start record: process start to the first evaluation (imports,
   MPI and torch set-up, model, data, engine, and on resume the checkpoint).
-- a `timing` event after every round's checkpoint: this rank's seconds in `train` (its group's
-  clients), `aggregate` (the end-of-round collective and the method's finalize, including any
-  wait for slower groups), `evaluate` and `checkpoint`. Logged by world rank 0, so phases are its.
+- `timing` events at the end of every round (async: block): this rank's seconds in `train` (its
+  group's clients), `aggregate` (the end-of-round collective and the method's finalize, including
+  any wait for slower groups; async: every buffered aggregation), `evaluate`, `checkpoint` (its
+  own event after the checkpoint) and, at the end, `export`. Logged by world rank 0: its phases.
 - `peak_memory_gib` on every client event: the peak memory of the rank that trained the client
   (CUDA: allocated bytes during that client's training, what `fedmoe plan` estimates; CPU: the
   process's peak RSS so far, which cannot be reset).

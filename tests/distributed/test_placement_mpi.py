@@ -56,20 +56,36 @@ def _run(n, out, overrides):
     # low: one group of 2 expert-parallel ranks (each holds half the experts), high: 1 rank
     (3, ["tiers.0.ranks=2", "tiers.0.ep_size=2"], [2, 1], [[0, 3], [2]]),
 ], ids=["1+2", "1+3", "ep2+1"])
-def test_balanced_placement_ends_where_tier_placement_ends_on_uneven_groups(tmp_path, n, layout, gpus, moved):
-    tier, balanced = tmp_path / "tier", tmp_path / "balanced"
-    _run(n, tier, BASE + layout)
+def test_balanced_placement_ends_where_tier_placement_ends_on_uneven_groups(base_run, tmp_path, n, layout, gpus,
+                                                                          moved):
+    """Tier placement trains every client as one process does (within the data-parallel bound,
+    test_equivalence.py), so the balanced run is held to the one-process run of the config; the
+    tier placement of the same round is computed directly (the plan every rank computes)."""
+    from pipeline.config import load_config
+    from pipeline.federation.topology import plan_layout
+    from pipeline.plan.memory import model_shape
+    from pipeline.plan.utilisation import planned_placement
+
+    balanced = tmp_path / "balanced"
     _run(n, balanced, BALANCED + layout)
-    placed = [r["placement"] for r in _rounds(tier)], [r["placement"] for r in _rounds(balanced)]
-    assert placed[0][0]["groups"] == ROUND1_TIER and placed[1][0]["groups"] == moved
-    assert placed[0][0]["mode"] == "tier" and placed[1][0]["mode"] == "balanced"
-    for p in placed[0] + placed[1]:  # measured busy time and utilisation, logged every round
-        assert p["gpus"] == gpus and len(p["busy_seconds"]) == 2
+    rounds = _rounds(balanced)
+    cfg = load_config(TINY, BASE + layout)
+    tier = planned_placement(cfg, plan_layout(cfg, n), model_shape(cfg.model.source), "tier")
+    assert tier.assign(rounds[0]["clients"]) == ROUND1_TIER and rounds[0]["placement"]["groups"] == moved
+    for r in rounds:  # measured busy time and utilisation, logged every round
+        p = r["placement"]
+        assert p["mode"] == "balanced" and p["gpus"] == gpus and len(p["busy_seconds"]) == 2
         assert all(b > 0 for b, g in zip(p["busy_seconds"], p["groups"]) if g)
         assert 0 < p["utilisation"] <= 1
-    got, want = _adapters(balanced), _adapters(tier)
+    got, want = _adapters(balanced), _adapters(base_run)
     assert relative_difference(got, want) <= 1e-5
-    assert any(not torch.equal(got[k], want[k]) for k in want)  # client 3 did train data-parallel
+    assert any(not torch.equal(got[k], want[k]) for k in want)  # the 2- or 3-rank group trained data-parallel
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    return shared_run(tmp_path_factory, "placement-base", lambda out: fedmoe(
+        "run", "--config", TINY, "--out", out, *set_args(BASE)))
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,8 @@ def test_reference_run_records_its_aggregations(fedbuff_reference):
     times = [a["virtual_time"] for a in aggs]
     assert times == sorted(times)
     assert [e["round"] for e in events if e["event"] == "block"] == [0, 1, 2, 3]
+    phases = {k for e in events if e["event"] == "timing" and e["round"] >= 1 for k in e} - {"event", "round", "time"}
+    assert phases == {"train", "aggregate", "evaluate", "checkpoint", "export"}
 
 
 @pytest.mark.slow
