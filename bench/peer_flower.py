@@ -9,6 +9,7 @@ start adapters everywhere. Implementations, each a fresh process (tree) started 
     plain-1t     the same at 1 thread: how far float summation order alone moves the adapters
     fedmoe       fedmoe's round loop, one process, 2 threads
     fedmoe-mpi   fedmoe, 2 client groups of 1 rank, 1 thread each (mpiexec -n 2)
+    fedmoe-queue the same with federation.placement=queue: the groups pull clients as they free up
     flower-1x2   Flower simulation (Ray), 1 actor of 2 threads, the plain loop's client code
     flower-2x1   Flower simulation, 2 actors of 1 thread
 
@@ -44,6 +45,7 @@ VARIANTS = {  # name: (launch ranks, runner arguments)
     "plain-1t": (1, ["plain", "--threads", "1"]),  # its adapters vs plain's: the noise floor
     "fedmoe": (1, ["fedmoe", "--threads", "2"]),
     "fedmoe-mpi": (2, ["fedmoe", "--threads", "1"]),
+    "fedmoe-queue": (2, ["fedmoe", "--threads", "1", "--placement", "queue"]),  # groups pull clients
     "flower-1x2": (1, ["flower", "--threads", "2", "--actors", "1"]),
     "flower-2x1": (1, ["flower", "--threads", "1", "--actors", "2"]),
 }
@@ -163,10 +165,10 @@ def main() -> None:
                               largest=max(r["largest"] for r in rs) / 2**20, tree=max(r["tree"] for r in rs) / 2**20,
                               diff=max_difference(rs[-1]["adapters"], runs["plain"][-1]["adapters"]))
     base = rows["plain"]
-    print(f"\n{'':<11} {'round s':>8} {'x plain':>8} {'steady s':>9} {'x plain':>8} {'whole s':>8} {'x plain':>8} "
+    print(f"\n{'':<13} {'round s':>8} {'x plain':>8} {'steady s':>9} {'x plain':>8} {'whole s':>8} {'x plain':>8} "
           f"{'to round 1':>10} {'proc MiB':>9} {'x plain':>8} {'tree MiB':>9}  max |adapter - plain| (relative)")
     for name, r in rows.items():
-        print(f"{name:<11} {r['round']:>8.1f} {r['round'] / base['round']:>8.2f} {r['steady']:>9.1f} "
+        print(f"{name:<13} {r['round']:>8.1f} {r['round'] / base['round']:>8.2f} {r['steady']:>9.1f} "
               f"{r['steady'] / base['steady']:>8.2f} {r['whole']:>8.1f} {r['whole'] / base['whole']:>8.2f} "
               f"{r['setup']:>10.1f} {r['largest']:>9.0f} {r['largest'] / base['largest']:>8.2f} {r['tree']:>9.0f}"
               f"  {r['diff'][0]:.2e} ({r['diff'][1]:.1e})")
@@ -175,7 +177,7 @@ def main() -> None:
     if ours and peers:
         best = lambda key, ns: min(rows[n][key] for n in ns)  # noqa: E731
         print(f"\ngoals: fedmoe's best round / Flower's best = {best('round', ours) / best('round', peers):.2f} "
-              f"(<= 0.9); whole run = {best('whole', ours) / best('whole', peers):.2f} (<= 0.8); "
+              f"(<= 0.9; steady rounds {best('steady', ours) / best('steady', peers):.2f}); whole run = {best('whole', ours) / best('whole', peers):.2f} (<= 0.8); "
               f"largest process / plain's = {max(rows[n]['largest'] for n in ours) / base['largest']:.2f} (<= 1.2)")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

@@ -49,14 +49,15 @@ def run_plain(args) -> None:
     report(rounds, setup, args.out, state)
 
 
-def fedmoe_config():
+def fedmoe_config(placement: str = "tier"):
     from pipeline.config import config_from_dict, config_to_dict, load_config
 
     raw = config_to_dict(load_config(None))
     raw.update(seed=w.SEED)
     raw["model"]["lora"].update(rank=w.RANK, alpha=w.ALPHA, experts=True, attention=True)
     raw["tiers"] = [{"name": "all", "budget": 1.0, "share": 1.0, "ranks": 1}]
-    raw["federation"].update(clients=w.CLIENTS, clients_per_round=w.CLIENTS, rounds=w.ROUNDS, min_clients=1)
+    raw["federation"].update(clients=w.CLIENTS, clients_per_round=w.CLIENTS, rounds=w.ROUNDS, min_clients=1,
+                             placement=placement)
     raw["algorithm"] = {"name": "fedavg", "options": {}}
     raw["train"].update(local_steps=w.STEPS, batch_size=w.BATCH, lr=w.LR, grad_clip=w.GRAD_CLIP,
                         weight_decay=0.0, max_length=w.SEQ)
@@ -72,7 +73,7 @@ def run_fedmoe(args) -> None:
     from pipeline.federation.rounds import run_round
     from pipeline.model import patch_olmoe
 
-    cfg = fedmoe_config()
+    cfg = fedmoe_config(args.placement)
     model = patch_olmoe(w.base_model(), lora_rank=w.RANK, lora_alpha=w.ALPHA)
     parts = assembly.setup(cfg, loaded=(model, None), data=w.RandomTokens())
     os.makedirs(args.run_dir, exist_ok=True)
@@ -132,6 +133,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--placement", default="tier", help="fedmoe: federation.placement")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     {"plain": run_plain, "fedmoe": run_fedmoe, "flower": run_flower}[args.impl](args)

@@ -58,7 +58,7 @@ class FederationConfig:
     min_clients: int = 1  # a round with fewer accepted updates fails
     master_port: int | None = None  # under MPI: group i's torch.distributed port is this + i (None: a free port)
     collective_timeout: float = 1800.0  # seconds a cross-group collective may wait before aborting the job; 0: never
-    placement: str = "tier"  # tier | balanced: which client group trains which client (docs/placement.md)
+    placement: str = "tier"  # tier | balanced | queue: which client group trains which client (docs/placement.md)
     mode: str = "sync"  # sync (rounds) | async (clients report on a clock, docs/async.md)
     clock: str = "virtual"  # async: virtual (seeded durations) | wall (real arrival order)
     concurrency: int | None = None  # async: clients in flight at once (default clients_per_round)

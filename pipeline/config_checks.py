@@ -56,8 +56,8 @@ def validate(cfg: Config) -> None:
     check(fed.master_port is None or 1024 <= fed.master_port <= 65000, "federation.master_port",
           f"must be in [1024, 65000], got {fed.master_port}")
     check(fed.collective_timeout >= 0, "federation.collective_timeout", "must be >= 0 (0: no limit)")
-    check(fed.placement in ("tier", "balanced"), "federation.placement",
-          f"must be tier or balanced, got {fed.placement!r}")
+    check(fed.placement in ("tier", "balanced", "queue"), "federation.placement",
+          f"must be tier, balanced or queue, got {fed.placement!r}")
     check(fed.mode in ("sync", "async"), "federation.mode", f"must be sync or async, got {fed.mode!r}")
     check(fed.clock in ("virtual", "wall"), "federation.clock", f"must be virtual or wall, got {fed.clock!r}")
     check(fed.concurrency is None or 1 <= fed.concurrency <= fed.clients, "federation.concurrency",

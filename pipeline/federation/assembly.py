@@ -13,6 +13,7 @@ from pipeline.config import Config, Tier, resolve_tiers
 from pipeline.engine.client import ClientEngine
 from pipeline.engine.determinism import use_deterministic_kernels
 from pipeline.eval.metrics import MetricsLogger
+from pipeline.federation.client_queue import ClientQueue
 from pipeline.federation.distributed import GroupMetrics
 from pipeline.federation.expert_shards import ExpertShards
 from pipeline.federation.placement import Placement
@@ -44,6 +45,7 @@ class Federation:
     sums_layout: list = field(default_factory=list)  # the last round's agreed PackedSums layout
     placement: Placement | None = None  # which group trains which client, and its cost model
     clock: PhaseClock = field(default_factory=PhaseClock)  # this rank's seconds per phase (timing.py)
+    queue: ClientQueue | None = None  # federation.placement=queue over several groups
 
     @property
     def writes(self) -> bool:  # only world rank 0 writes metrics, checkpoints and outputs
@@ -105,8 +107,10 @@ def build(cfg: Config, run_dir: Path, resume_offset: int | None, parts=None) -> 
         metrics = GroupMetrics(metrics)
     client_tiers = assign_tiers(cfg.federation.clients, tiers, cfg.seed)
     placement = Placement.for_run(cfg, topology.layout, model.config.to_dict(), tiers, client_tiers)
+    queue = (ClientQueue(topology, cfg.federation.collective_timeout)
+             if cfg.federation.placement == "queue" and len(topology.layout.groups) > 1 else None)
     return Federation(cfg, run_dir, tiers, client_tiers, data, tokenizer, engine, strategy, metrics,
-                      topology=topology, shards=shards, placement=placement)
+                      topology=topology, shards=shards, placement=placement, queue=queue)
 
 
 def run_storage(run_dir: Path, topology: Topology, shards: ExpertShards | None) -> RunStorage:

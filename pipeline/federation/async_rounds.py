@@ -48,6 +48,9 @@ def check_mode(cfg: Config) -> None:
         k = cfg.algorithm.options.get("buffer_size")
         if isinstance(k, int) and not isinstance(k, bool) and k > fed.clients:
             raise ConfigError(f"algorithm.options.buffer_size: {k} exceeds federation.clients={fed.clients}")
+        if fed.placement == "queue":
+            raise ConfigError("federation.placement: queue pulls the clients of a sync round; async runs "
+                              "dispatch each client to a fixed group (use tier or balanced)")
         big = [i for i, t in enumerate(cfg.tiers) if t.ep_size > 1]
         if big:
             raise ConfigError(f"tiers.{big[0]}.ep_size: must be 1 with federation.mode=async "

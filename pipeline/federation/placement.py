@@ -17,16 +17,21 @@ within a round never changes a placement.
 
 A client lands only on a group whose GPUs fit its tier's memory plan (plan/memory.py at the
 client's top-k, the group's ranks, ep and `gpu_memory_gb`).
+
+`queue`: the groups pull the round's clients, costliest first, as they free up
+(federation/client_queue.py); the balanced plan is its prediction, the groups that trained
+the clients its record. It needs every tier to fit every group.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from pipeline.config import Config, Tier
+from pipeline.errors import ConfigError
 from pipeline.federation.topology import Layout
 
-PLACEMENTS = ("tier", "balanced")
+PLACEMENTS = ("tier", "balanced")  # planned before the round; `queue` is predicted as balanced
 # Planned throughput of one GPU before any round is measured: the achieved bf16 rate of one
 # H200 on an OLMoE-1B-7B step at top-k 8, batch 16 x 1024 (bench/results-h200-olmoe_scale.txt:
 # 16384 tokens * 4.97 GFLOP / 0.489 s). Only predicted seconds depend on it, never utilisation
@@ -240,8 +245,16 @@ class Placement:
 
         shape = ModelShape.from_config(model_config)
         settings = tier_settings(cfg, shape, tiers)
+        fits = fit_matrix(cfg, shape, layout, [k for k, _ in settings])
+        if cfg.federation.placement == "queue":
+            for tier, row in zip(tiers, fits):
+                if not all(row):
+                    g = row.index(False)
+                    raise ConfigError(f"federation.placement=queue: tier {tier.name!r} does not fit the memory "
+                                      f"of group {g} (tier {layout.groups[g].tier!r}); use balanced, which "
+                                      "places each client only where it fits")
         return cls(cfg.federation.placement, layout, [t.name for t in tiers], [t.index for t in client_tiers],
-                   tier_costs(cfg, shape, settings), fit_matrix(cfg, shape, layout, [k for k, _ in settings]))
+                   tier_costs(cfg, shape, settings), fits)
 
     def allowed(self, tier: int) -> list[int]:
         """Groups a client of `tier` may train on: those its memory plan fits; if none does, its
@@ -262,7 +275,7 @@ class Placement:
         group_of = {c: g for g, members in enumerate(self.layout.assign(clients, names)) for c in members}
         chosen = [group_of[c] for c in clients]
         n = len(self.layout.groups)
-        if self.mode == "balanced" and n > 1:
+        if self.mode in ("balanced", "queue") and n > 1:
             balanced = lpt_times(times, [self.allowed(self.client_tiers[c]) for c in clients])
             # LPT is a heuristic: keep the tier placement when it is predicted no slower.
             if max(busy_from_times(balanced, times, n)) < max(busy_from_times(chosen, times, n)):
@@ -273,10 +286,20 @@ class Placement:
         self.current = Round([sorted(g) for g in groups], busy_from_times(chosen, times, n))
         return self.current.groups
 
-    def observe(self, seconds: dict[int, float], wall: float) -> dict:
+    def queue_order(self, clients: Sequence[int]) -> list[int]:
+        """The round's clients as `queue` hands them out: costliest tier first, then by id."""
+        return sorted(clients, key=lambda c: (-self.costs[self.client_tiers[c]], c))
+
+    def observe(self, seconds: dict[int, float], wall: float, trained_on: dict[int, int] | None = None) -> dict:
         """After the round: each accepted client's measured training seconds (identical on every
-        rank, gathered with the round) update the model; returns the round event's `placement`."""
+        rank, gathered with the round) update the model; returns the round event's `placement`.
+        `trained_on` (client -> group) replaces the planned groups where the queue decided."""
         current = self.current
+        if trained_on is not None:
+            groups = [[] for _ in current.groups]
+            for c in sorted(trained_on):
+                groups[trained_on[c]].append(c)
+            current = self.current = Round(groups, current.predicted)
         busy = [sum(seconds.get(c, 0.0) for c in members) for members in current.groups]
         cells: dict[tuple[int, int], float] = {}
         counts: dict[tuple[int, int], int] = {}
@@ -306,13 +329,16 @@ class Placement:
 # The run's two calls (rounds.run_round), and the checkpoint's
 
 
-def my_clients(fed, clients: Sequence[int]) -> list[int]:
-    """This group's share of the round's clients (all of them in one process)."""
+def my_clients(fed, clients: Sequence[int], round_: int = 0) -> Iterable[int]:
+    """This group's share of the round's clients (all of them in one process); under `queue`
+    with several groups, drawn one at a time as the group frees up."""
     placement = getattr(fed, "placement", None)
     if placement is None:
         names = [t.name for t in fed.client_tiers]
         return list(clients) if fed.topology is None else fed.topology.my_clients(clients, names)
     groups = placement.assign(clients)
+    if getattr(fed, "queue", None) is not None:
+        return fed.queue.pull(round_, placement.queue_order(clients))
     return list(clients) if fed.topology is None else groups[fed.topology.group.index]
 
 
@@ -321,4 +347,5 @@ def observe(fed, updates, wall: float) -> dict | None:
     placement = getattr(fed, "placement", None)
     if placement is None or placement.current is None:
         return None
-    return placement.observe({u.client_id: float(u.metrics["seconds"]) for u in updates}, wall)
+    trained_on = {u.client_id: int(u.metrics["group"]) for u in updates} if getattr(fed, "queue", None) else None
+    return placement.observe({u.client_id: float(u.metrics["seconds"]) for u in updates}, wall, trained_on)

@@ -62,7 +62,8 @@ def train_client(fed: Federation, client: int, round_: int, progress: ProgressDi
                         metrics={"train_loss": sum(result.losses) / len(result.losses),
                                  "final_loss": result.losses[-1], "seconds": result.seconds,
                                  "steps": len(result.losses), "losses": result.losses,
-                                 "peak_memory_gib": timing.peak_memory_gib(device)},
+                                 "peak_memory_gib": timing.peak_memory_gib(device),
+                                 "group": fed.topology.group.index if fed.topology is not None else 0},
                         extras=strategy.client_extras(fed.engine.model, plan))
 
 
@@ -90,7 +91,7 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
     load: dict[str, torch.Tensor] = {}
     accepted, updates = [], []
     plan_shapes = strategy.global_adapters  # updates must match the global adapters' keys and shapes
-    mine = placement.my_clients(fed, clients)  # under MPI: this group's share (federation.placement)
+    mine = placement.my_clients(fed, clients, round_)  # under MPI: this group's share (federation.placement)
     offset = fed.metrics.offset()  # the record of the completed rounds, should this one be abandoned
     for client in mine:
         if signals.requested():  # SIGUSR1/SIGTERM: the clients not started yet wait for the resumed run

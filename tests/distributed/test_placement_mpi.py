@@ -139,3 +139,18 @@ def test_killed_balanced_run_resumes_bitwise_with_its_cost_model(single_process,
     assert placement.current.predicted == second["predicted_seconds"]
     wall = max(rounds[1]["seconds"], *second["busy_seconds"])
     assert second["utilisation"] == pytest.approx(utilisation(second["busy_seconds"], [1, 1], wall))
+
+
+def test_queue_on_groups_of_one_rank_trains_every_client_once_and_ends_as_one_process(single_process, tmp_path):
+    """The groups pull the round's clients as they free up: whoever trains a client, the result
+    is the one-process run's up to the float64 cross-group sum's association (client_queue.py)."""
+    out = tmp_path / "queue"
+    _run(2, out, BASE + EVERY + ["federation.placement=queue"])
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in _rounds(out):
+        p = r["placement"]
+        assert p["mode"] == "queue" and sorted(c for g in p["groups"] for c in g) == sorted(r["clients"])
+        trained = {e["client"]: e["group"] for e in events if e["event"] == "client" and e["round"] == r["round"]}
+        assert p["groups"] == [sorted(c for c, g in trained.items() if g == i) for i in (0, 1)]
+    want, got = _adapters(single_process), _adapters(out)
+    assert got.keys() == want.keys() and relative_difference(got, want) <= 1e-7

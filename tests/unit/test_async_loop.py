@@ -28,8 +28,10 @@ class Log:
 
 def fake_fed(strategy):
     cfg = SimpleNamespace(federation=SimpleNamespace(clients=len(COSTS), clients_per_round=2, collective_timeout=0))
+    from pipeline.federation.timing import PhaseClock
+
     return SimpleNamespace(cfg=cfg, strategy=strategy, topology=None, metrics=Log(), sums_layout=[],
-                           client_tiers=[TIER] * len(COSTS), tiers=[TIER])
+                           client_tiers=[TIER] * len(COSTS), tiers=[TIER], clock=PhaseClock())
 
 
 def progress_of(seq: int, client: int) -> dict:

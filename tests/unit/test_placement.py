@@ -181,3 +181,38 @@ def test_one_group_takes_every_client():
 def test_an_unknown_placement_is_a_config_error():
     with pytest.raises(ConfigError, match="federation.placement"):
         _cfg("federation.placement=fastest")
+
+
+def test_queue_refuses_a_tier_that_does_not_fit_every_group():
+    from pipeline.config import resolve_tiers
+    from pipeline.federation.sampling import assign_tiers
+
+    cfg = _cfg("tiers.0.gpu_memory_gb=26", "federation.placement=queue")
+    shape = model_shape(cfg.model.source)
+    from pipeline.model.build import OLMOE_1B_7B
+
+    tiers = resolve_tiers(cfg, shape.experts, shape.k_max)
+    with pytest.raises(ConfigError, match=r"federation.placement=queue: tier 't2' does not fit .* group 0"):
+        Placement.for_run(cfg, plan_layout(cfg, 8), OLMOE_1B_7B, tiers,
+                          assign_tiers(cfg.federation.clients, tiers, cfg.seed))
+    Placement.for_run(_cfg("federation.placement=queue"), plan_layout(cfg, 8), OLMOE_1B_7B, tiers,
+                      assign_tiers(cfg.federation.clients, tiers, cfg.seed))  # every tier fits at 80 GiB
+
+
+def test_queue_hands_out_the_costliest_tier_first_and_records_where_clients_trained():
+    from pipeline.plan.utilisation import planned_placement
+
+    cfg = _cfg("federation.placement=queue")
+    shape = model_shape(cfg.model.source)
+    layout = plan_layout(cfg, 8)
+    placement = planned_placement(cfg, layout, shape, "queue")
+    clients = list(range(cfg.federation.clients))
+    order = placement.queue_order(clients)
+    costs = [placement.costs[placement.client_tiers[c]] for c in order]
+    assert sorted(order) == clients and costs == sorted(costs, reverse=True)
+    placement.assign(clients)  # the balanced plan is the queue's prediction
+    predicted = placement.current.predicted
+    trained_on = {c: c % len(layout.groups) for c in clients}
+    placed = placement.observe({c: 1.0 for c in clients}, 10.0, trained_on)
+    assert placed["mode"] == "queue" and placed["predicted_seconds"] == predicted
+    assert placed["groups"] == [[c for c in clients if c % len(layout.groups) == g] for g in range(len(layout.groups))]
