@@ -23,7 +23,8 @@ def show_plan(cfg: Config, ranks: int, rounds: int, sbatch: bool = False, config
     console = Console()
     layout = plan_layout(cfg, ranks)
     schedules = planned_schedules(cfg, layout)  # both placements' predicted rounds ({}: no model shape)
-    placed = {r.round: r.groups for r in schedules.get(cfg.federation.placement, [])}
+    predicted = "balanced" if cfg.federation.placement == "queue" else cfg.federation.placement  # its forecast
+    placed = {r.round: r.groups for r in schedules.get(predicted, [])}
     for table in layout_tables(cfg, layout, rounds, placed):
         console.print(table)
     utilisation_report(cfg, layout, schedules, rounds, console)  # predicted busy time and GPU use
