@@ -113,21 +113,20 @@ def run_round(fed: Federation, round_: int, progress: ProgressDisplay | None) ->
         load[tier] = load.get(tier, 0) + update.expert_token_counts
         fed.metrics.log("client", round=round_, client=client, tier=tier, top_k=update.top_k,
                         lora_rank=update.lora_rank, n_samples=update.n_samples, **update.metrics)
-    aggregating = time.perf_counter()  # from here: waiting for the other groups, then the sums
-    if signals.any_stopped(fed.topology, cfg.federation.collective_timeout):  # any rank stopped: drop the round
-        raise signals.Preempted(round_ - 1, offset)
-    packed = sums  # every group's sums, loads and updates, identical on all ranks
-    distributed = fed.topology is not None and fed.topology.distributed
-    sums, load, accepted, records = reduce_round(
-        fed.topology, cfg.federation.collective_timeout, fed.metrics, packed, load, accepted,
-        [update_record(u) for u in updates] if distributed else updates, fed.shards)
-    updates = sorted(map(update_from_record, records), key=lambda u: u.client_id) if distributed else records
-    fed.sums_layout = packed.spec
-    if len(accepted) < cfg.federation.min_clients:
-        raise RoundFailed(f"round {round_}: {len(accepted)} of {len(clients)} clients reported, "
-                          f"federation.min_clients={cfg.federation.min_clients}")
-    own = strategy.finalize(sums)  # the method's metrics of the new state
-    fed.clock.seconds["aggregate"] = fed.clock.seconds.get("aggregate", 0.0) + time.perf_counter() - aggregating
+    with fed.clock("aggregate"):  # waiting for the other groups, then the sums
+        if signals.any_stopped(fed.topology, cfg.federation.collective_timeout):  # any rank stopped: drop the round
+            raise signals.Preempted(round_ - 1, offset)
+        packed = sums  # every group's sums, loads and updates, identical on all ranks
+        distributed = fed.topology is not None and fed.topology.distributed
+        sums, load, accepted, records = reduce_round(
+            fed.topology, cfg.federation.collective_timeout, fed.metrics, packed, load, accepted,
+            [update_record(u) for u in updates] if distributed else updates, fed.shards)
+        updates = sorted(map(update_from_record, records), key=lambda u: u.client_id) if distributed else records
+        fed.sums_layout = packed.spec
+        if len(accepted) < cfg.federation.min_clients:
+            raise RoundFailed(f"round {round_}: {len(accepted)} of {len(clients)} clients reported, "
+                              f"federation.min_clients={cfg.federation.min_clients}")
+        own = strategy.finalize(sums)  # the method's metrics of the new state
     fed.tier_stats = tier_training_stats(fed, updates, load)
     seconds = time.perf_counter() - start
     placed = placement.observe(fed, updates, seconds)  # measured busy time per group; the cost model learns
