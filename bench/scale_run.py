@@ -38,7 +38,6 @@ SMALL = dict(vocab_size=512, hidden_size=128, intermediate_size=64, num_hidden_l
              num_attention_heads=4, num_key_value_heads=4, num_experts=16, num_experts_per_tok=8,
              max_position_embeddings=2048, norm_topk_prob=False, pad_token_id=0, eos_token_id=None,
              tie_word_embeddings=False)
-GIB = 1024 ** 3
 
 
 def write_model(shape: dict, layers: int | None, out: Path, cuda: bool) -> None:
@@ -121,19 +120,6 @@ def run_killed_then_resumed(args, config: Path, run: Path, env: dict) -> dict[st
     return {"run until killed": killed, "resume to the end": time.perf_counter() - start}
 
 
-def phases(run: Path) -> tuple[dict[str, float], list[dict]]:
-    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    total: dict[str, float] = {}
-    for e in events:
-        if e["event"] == "run" and e.get("load_seconds") is not None:
-            total["load"] = total.get("load", 0.0) + e["load_seconds"]
-        if e["event"] == "timing":
-            for k, v in e.items():
-                if k not in ("event", "round", "time"):
-                    total[k] = total.get(k, 0.0) + v
-    return total, [e for e in events if e["event"] == "client"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["olmoe-1b-7b", "small"], default="olmoe-1b-7b")
@@ -173,7 +159,7 @@ def main() -> None:
               f"local steps, {args.ranks} rank(s), {'cuda bf16' if cuda else 'cpu fp32'}", flush=True)
 
         from pipeline.config import load_config
-        from pipeline.plan.memory import plan_memory
+        from pipeline.plan.memory import GIB, plan_memory
 
         predicted = {row.tier: row.total / GIB for row in plan_memory(load_config(str(config)), args.ranks)}
         walls = run_killed_then_resumed(args, config, out / "run", env)
@@ -181,12 +167,15 @@ def main() -> None:
         subprocess.run(command(argparse.Namespace(ranks=1), "export", str(out / "run"), "--format", "merged",
                                "--out", str(out / "export")), env=env, cwd=REPO, check=True)
         walls["fedmoe export --format merged"] = time.perf_counter() - t
-        split, clients = phases(out / "run")
+        from pipeline.eval.summary import load_summary
+
+        timed = load_summary(out / "run")["time"]  # the report's sums of the run's timing events
+        split, peaks = timed["phases"], timed["peak_memory_gib"]
 
         print("\nper-rank peak memory while training a client (GiB)")
         print(f"{'tier':6} {'plan':>8} {'measured':>9} {'measured / plan':>16}")
         for tier, plan in predicted.items():
-            got = max((c["peak_memory_gib"] for c in clients if c["tier"] == tier), default=float("nan"))
+            got = peaks.get(tier, float("nan"))
             print(f"{tier:6} {plan:8.2f} {got:9.2f} {got / plan:16.2f}")
         if not cuda:
             print("(CPU: the measured value is the process's peak RSS, interpreter and libraries included)")

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 import torch
 
-GIB = 1024 ** 3
+from pipeline.plan.memory import GIB
 
 
 class PhaseClock:
