@@ -161,7 +161,7 @@ def main() -> None:
         from pipeline.config import load_config
         from pipeline.plan.memory import GIB, plan_memory
 
-        predicted = {row.tier: row.total / GIB for row in plan_memory(load_config(str(config)), args.ranks)}
+        predicted = {row.tier: row.peak / GIB for row in plan_memory(load_config(str(config)), args.ranks)}
         walls = run_killed_then_resumed(args, config, out / "run", env)
         t = time.perf_counter()
         subprocess.run(command(argparse.Namespace(ranks=1), "export", str(out / "run"), "--format", "merged",

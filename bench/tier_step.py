@@ -82,8 +82,6 @@ def main() -> None:
         model = load_model(args.model, dtype=torch.bfloat16 if cuda else torch.float32)
         config = model.config
     patch_olmoe(model, lora_rank=args.rank, lora_alpha=2.0 * args.rank)
-    if args.checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     adapters = sum(p.numel() for p in adapter_parameters(model).values())
     device = "cuda bf16" if cuda else f"cpu fp32, {torch.get_num_threads()} threads"
@@ -113,7 +111,8 @@ def main() -> None:
             times.append(now - _t[0])
             _t[0] = now
 
-        result = engine.train(start, ModelSetting(k, args.rank), [batch] * args.steps, on_step=on_step)
+        result = engine.train(start, ModelSetting(k, args.rank), [batch] * args.steps, on_step=on_step,
+                              checkpointing=args.checkpointing)
         counts = result.expert_token_counts
         routed = counts.sum(dim=1).mean().item() / (args.steps * args.batch * args.seq)
         flops = flops_per_token(config, top_k=routed, lora_rank=args.rank, seq_len=args.seq)["train"]

@@ -81,10 +81,18 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables
     max_length: int = 64
     precision: str = "fp32"  # fp32 | bf16
+    # Recompute each decoder layer in backward instead of keeping its activations: auto (only
+    # for a client whose tier the memory plan says does not fit its GPU without it), on, off.
+    # YAML reads a bare on/off as true/false, which mean the same here.
+    activation_checkpointing: str | bool = "auto"
     deterministic: bool | None = None  # deterministic kernels; None: on for CPU, off on CUDA
     on_divergence: str = "warn"  # warn | stop: what the divergence guard does (pipeline/eval/divergence.py)
     divergence_factor: float = 1.5  # a tier diverges when its eval loss exceeds the base model's by this factor
     divergence_evals: int = 2  # ... (or its accuracy falls below chance) for this many evaluations in a row
+
+    def __post_init__(self):
+        if isinstance(self.activation_checkpointing, bool):
+            self.activation_checkpointing = "on" if self.activation_checkpointing else "off"
 
 
 @dataclass
@@ -241,6 +249,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if isinstance(value, bool) and bool in args:
+            return value
         return _coerce(args[0], value, where)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)

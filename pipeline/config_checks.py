@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 EVAL_MODES = ("choice", "generate")
 DATA_SOURCES = ("offline", "facts", "commonsense")
+CHECKPOINTING = ("auto", "on", "off")  # train.activation_checkpointing
 
 
 def check(ok: bool, field_name: str, message: str) -> None:
@@ -71,6 +72,8 @@ def validate(cfg: Config) -> None:
     check(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 disables)")
     check(tr.max_length >= 8, "train.max_length", f"must be >= 8, got {tr.max_length}")
     check(tr.precision in ("fp32", "bf16"), "train.precision", f"must be fp32 or bf16, got {tr.precision!r}")
+    check(tr.activation_checkpointing in CHECKPOINTING, "train.activation_checkpointing",
+          f"must be one of {', '.join(CHECKPOINTING)}, got {tr.activation_checkpointing!r}")
     check(tr.on_divergence in ("warn", "stop"), "train.on_divergence",
           f"must be warn or stop, got {tr.on_divergence!r}")
     check(tr.divergence_factor > 1, "train.divergence_factor", f"must be > 1, got {tr.divergence_factor}")

@@ -241,16 +241,34 @@ class ClientEngine:
         the one place a client's training, an evaluation and the export set them."""
         apply_setting(self.model, setting)
 
+    def set_checkpointing(self, on: bool) -> None:
+        """Activation checkpointing per decoder layer, through transformers' own switch, in
+        torch's non-reentrant mode: the gradients are the same bits, and a recomputed layer's
+        routing repeats the first pass, which the MoE block does not count twice (moe_block)."""
+        model = self.model
+        if on == model.is_activation_checkpointing:
+            return
+        if on:
+            model.activation_checkpointing_enable({"use_reentrant": False})
+            # transformers also hooks the embeddings' output to require grad, which only the
+            # reentrant mode needs; it would add a backward through the first layer's inputs.
+            model.disable_input_require_grads()
+        else:
+            model.activation_checkpointing_disable()
+
     def train(self, adapters: dict[str, Tensor], setting: ModelSetting,
               batches: Iterable[dict[str, Tensor]],
               extra_loss: Callable[[torch.nn.Module], Tensor | None] | None = None,
               after_backward: Callable[[torch.nn.Module], None] | None = None,
-              on_step: Callable[[int, float], None] | None = None) -> LocalResult:
-        """Local training of one client from `adapters`; returns the trained adapters and counts."""
+              on_step: Callable[[int, float], None] | None = None,
+              checkpointing: bool = False) -> LocalResult:
+        """Local training of one client from `adapters`; returns the trained adapters and counts.
+        `checkpointing`: recompute each decoder layer in backward (the same gradients, less memory)."""
         start = time.perf_counter()
         self.load_adapters(adapters)
         self.reset_optimizer()
         self.use(setting)
+        self.set_checkpointing(checkpointing)
         reset_expert_token_counts(self.model)
         self.engine.train()
         losses = []

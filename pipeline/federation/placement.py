@@ -124,17 +124,26 @@ def tier_costs(cfg: Config, shape, settings: list[tuple[int, int]]) -> list[floa
             for k, r in settings]
 
 
-def fit_matrix(cfg: Config, shape, layout: Layout, top_ks: Sequence[int]) -> list[list[bool]]:
-    """[tier][group]: whether a client of the tier fits the group's GPUs (its memory plan at the
-    tier's top-k, in the group's ranks, ep and gpu_memory_gb). The one-process group fits all."""
+def memory_matrix(cfg: Config, shape, layout: Layout, top_ks: Sequence[int]) -> list:
+    """[tier][group]: the memory plan (plan/memory.py TierMemory) of a client of the tier on the
+    group's GPUs: at the tier's top-k, in the group's ranks, ep and gpu_memory_gb. The
+    one-process group (tier None) trains every tier on one device: each at its own tier's row."""
     from pipeline.plan.memory import tier_memory
 
     index = {t.name: i for i, t in enumerate(cfg.tiers)}
-    out = []
-    for k in top_ks:
-        out.append([g.tier is None or tier_memory(shape, cfg, index[g.tier], k, g.size).fits
-                    for g in layout.groups])
-    return out
+    return [[tier_memory(shape, cfg, t if g.tier is None else index[g.tier], k, g.size) for g in layout.groups]
+            for t, k in enumerate(top_ks)]
+
+
+def fit_matrix(cfg: Config, shape, layout: Layout, top_ks: Sequence[int]) -> list[list[bool]]:
+    """[tier][group]: whether a client of the tier fits the group's GPUs (memory_matrix; with
+    activation checkpointing where train.activation_checkpointing allows it). The one-process
+    group fits all."""
+    return fits_of(memory_matrix(cfg, shape, layout, top_ks), layout)
+
+
+def fits_of(rows: list, layout: Layout) -> list[list[bool]]:
+    return [[g.tier is None or row[i].fits for i, g in enumerate(layout.groups)] for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,12 +236,15 @@ class Placement:
     """Places each round's clients (identically on every rank) and learns from measured rounds."""
 
     def __init__(self, mode: str, layout: Layout, tier_names: Sequence[str], client_tiers: Sequence[int],
-                 costs: Sequence[float], fits: Sequence[Sequence[bool]], nominal_tflops: float = NOMINAL_TFLOPS):
+                 costs: Sequence[float], fits: Sequence[Sequence[bool]], nominal_tflops: float = NOMINAL_TFLOPS,
+                 checkpointed: Sequence[Sequence[bool]] | None = None):
         self.mode, self.layout = mode, layout
         self.tier_names = list(tier_names)  # per tier index
         self.client_tiers = list(client_tiers)  # tier index per client
         self.costs = list(costs)  # per tier
         self.fits = [list(row) for row in fits]  # [tier][group]
+        # [tier][group]: the memory plan checkpoints activations there (TierMemory.checkpointed)
+        self.checkpointed = [list(row) for row in checkpointed] if checkpointed else [[False] * len(r) for r in fits]
         self.model = CostModel(layout, costs, nominal_tflops)
         self.gpus = [g.size for g in layout.groups]
         self.current: Round | None = None
@@ -245,7 +257,8 @@ class Placement:
 
         shape = ModelShape.from_config(model_config)
         settings = tier_settings(cfg, shape, tiers)
-        fits = fit_matrix(cfg, shape, layout, [k for k, _ in settings])
+        rows = memory_matrix(cfg, shape, layout, [k for k, _ in settings])
+        fits = fits_of(rows, layout)
         if cfg.federation.placement == "queue":
             for tier, row in zip(tiers, fits):
                 if not all(row):
@@ -254,7 +267,14 @@ class Placement:
                                       f"of group {g} (tier {layout.groups[g].tier!r}); use balanced, which "
                                       "places each client only where it fits")
         return cls(cfg.federation.placement, layout, [t.name for t in tiers], [t.index for t in client_tiers],
-                   tier_costs(cfg, shape, settings), fits)
+                   tier_costs(cfg, shape, settings), fits,
+                   checkpointed=[[m.checkpointed for m in row] for row in rows])
+
+    def checkpointing(self, tier: int, group: int, device_type: str, mode: str) -> bool:
+        """Whether a client of `tier` trains on `group` with activation checkpointing: always
+        under `on`; under `auto` where its memory plan does not fit without it, on a GPU only
+        (the plan models GPU memory; a CPU run keeps its speed)."""
+        return mode == "on" or (mode == "auto" and device_type == "cuda" and self.checkpointed[tier][group])
 
     def allowed(self, tier: int) -> list[int]:
         """Groups a client of `tier` may train on: those its memory plan fits; if none does, its

@@ -47,12 +47,15 @@ def train_client(fed: Federation, client: int, round_: int, progress: ProgressDi
     on_step, done = (progress.client(f"client {client} ({plan.tier.name}, k={plan.top_k})",
                                      cfg.train.local_steps) if progress is not None else (None, None))
     device = fed.engine.device
+    group = fed.topology.group.index if fed.topology is not None else 0
+    checkpointing = fed.placement is not None and fed.placement.checkpointing(
+        plan.tier.index, group, device.type, cfg.train.activation_checkpointing)
     timing.reset_peak_memory(device)
     result = fed.engine.train(
         plan.adapters, strategy.setting(plan.top_k, plan.lora_rank), batches,
         extra_loss=lambda m: strategy.extra_loss(m, plan),
         after_backward=lambda m: strategy.after_backward(m, plan),
-        on_step=on_step)
+        on_step=on_step, checkpointing=checkpointing)
     if done is not None:
         done()
     counts = result.expert_token_counts
@@ -63,7 +66,7 @@ def train_client(fed: Federation, client: int, round_: int, progress: ProgressDi
                                  "final_loss": result.losses[-1], "seconds": result.seconds,
                                  "steps": len(result.losses), "losses": result.losses,
                                  "peak_memory_gib": timing.peak_memory_gib(device),
-                                 "group": fed.topology.group.index if fed.topology is not None else 0},
+                                 "group": group, "checkpointing": checkpointing},
                         extras=strategy.client_extras(fed.engine.model, plan))
 
 

@@ -315,7 +315,9 @@ class HeteroMoEBlock(ScaledLoRA, nn.Module):
     def _project(self, xs: Tensor, proj: str, offsets: Tensor) -> Tensor:
         """W_e x (+ s * B_e A_e x) for the rows of each expert e."""
         out = self._project_rows(xs, proj, offsets)
-        if self.projection_observer is not None and out.requires_grad:
+        # Not on a checkpointed layer's recomputation: backward runs through the first pass's
+        # graph (where the observer already is), never through the recomputed one.
+        if self.projection_observer is not None and out.requires_grad and not _in_backward():
             self.projection_observer(self, proj, xs, out, offsets)
         return out
 

@@ -124,6 +124,7 @@ class TierMemory:
     activations_checkpointed: float
     gpu_memory_gb: float
     method: float = 0.0  # a merging method's pristine base copy and calibration gradient
+    checkpointing: str = "off"  # train.activation_checkpointing: auto | on | off
 
     @property
     def states(self) -> float:
@@ -142,8 +143,18 @@ class TierMemory:
         return HEADROOM * self.gpu_memory_gb * GIB
 
     @property
+    def checkpointed(self) -> bool:
+        """Whether its clients train with activation checkpointing: `on`, or `auto` where the
+        total without it does not fit (the client engine decides the same way, on GPUs)."""
+        return self.checkpointing == "on" or (self.checkpointing == "auto" and self.total > self.usable)
+
+    @property
+    def peak(self) -> float:
+        return self.total_checkpointed if self.checkpointed else self.total
+
+    @property
     def fits(self) -> bool:
-        return self.total <= self.usable
+        return self.peak <= self.usable
 
 
 def activation_bytes_per_token(shape: ModelShape, top_k: int, lora_rank: int, elem: int,
@@ -194,7 +205,8 @@ def tier_memory(shape: ModelShape, cfg: Config, index: int, top_k: int, ranks: i
     checkpointed = shape.layers * elem * shape.hidden + max(per["once"], 2 * (per["layer"] + per["experts"]))
     tier = cfg.tiers[index]
     return TierMemory(index, tier.name, top_k, n, z, tokens, frozen, adapters, optimizer, gradients,
-                      tokens * full, tokens * checkpointed, tier.gpu_memory_gb, method)
+                      tokens * full, tokens * checkpointed, tier.gpu_memory_gb, method,
+                      cfg.train.activation_checkpointing)
 
 
 def adapted_base_params(shape: ModelShape, cfg: Config, ep: int = 1) -> float:
@@ -259,9 +271,11 @@ def check_fits(rows: list[TierMemory]) -> None:
         hint = ("lower train.batch_size or train.max_length, or raise tiers.{i}.ranks to split the batch"
                 .format(i=row.index))
         if row.total_checkpointed <= row.usable:
-            hint += " (activation checkpointing would fit, but the client engine does not enable it yet)"
+            hint += " (or set train.activation_checkpointing to auto or on: it would fit with it)"
+        activations = row.activations_checkpointed if row.checkpointed else row.activations
         raise UserError(
             f"tiers.{row.index} ({row.tier}, top_k={row.top_k}, {row.ranks} rank(s)): needs about "
-            f"{row.total / GIB:.1f} GiB per GPU (activations {row.activations / GIB:.1f} for "
-            f"{row.tokens_per_gpu} tokens) but {HEADROOM:.0%} of tiers.{row.index}.gpu_memory_gb="
+            f"{row.peak / GIB:.1f} GiB per GPU (activations {activations / GIB:.1f} for "
+            f"{row.tokens_per_gpu} tokens{', checkpointed' if row.checkpointed else ''}) but "
+            f"{HEADROOM:.0%} of tiers.{row.index}.gpu_memory_gb="
             f"{row.gpu_memory_gb:g} is {row.usable / GIB:.1f} GiB; {hint}")

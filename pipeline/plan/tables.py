@@ -46,7 +46,7 @@ def layout_tables(cfg: Config, layout: Layout, rounds: int = 3, placed: dict | N
 
 def memory_table(rows: list[TierMemory], cfg: Config):
     """GiB per GPU; `adapter+opt` = adapters + fp32 master + optimizer state + gradients;
-    `w/ ckpt`: the total with activation checkpointing."""
+    `w/ ckpt`: the total with activation checkpointing; `ckpt`: whether clients use it."""
     from rich import box
     from rich.table import Table
 
@@ -55,13 +55,14 @@ def memory_table(rows: list[TierMemory], cfg: Config):
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     method = any(r.method for r in rows)
     for column in ("tier", "k", "ranks", "tokens", "frozen", "adapter+opt", *(["method"] if method else []),
-                   "activ.", "total", "w/ ckpt", "GPU", "fits"):
+                   "activ.", "total", "w/ ckpt", "ckpt", "GPU", "fits"):
         table.add_column(column, justify="left" if column == "tier" else "right")
     for r in rows:
         values = (r.frozen, r.adapters + r.optimizer + r.gradients, *([r.method] if method else []),
                   r.activations, r.total, r.total_checkpointed)
         table.add_row(r.tier, str(r.top_k), str(r.ranks), str(r.tokens_per_gpu),
-                      *(f"{v / GIB:.2f}" for v in values), f"{r.gpu_memory_gb:g}", "yes" if r.fits else "NO")
+                      *(f"{v / GIB:.2f}" for v in values), "on" if r.checkpointed else "off",
+                      f"{r.gpu_memory_gb:g}", "yes" if r.fits else "NO")
     return table
 
 

@@ -38,13 +38,17 @@ def _close(run, reference, tol=1e-5):
     assert any(not torch.equal(got[k], want[k]) for k in want)  # it did run distributed
 
 
-@pytest.mark.parametrize("zero_stage", [0, 2])
+@pytest.mark.parametrize("zero_stage, checkpointing", [(0, "off"), (2, "on")])
 def test_one_group_of_two_expert_parallel_ranks_matches_the_single_process_run(
-        tiny_reference, tmp_path, zero_stage):
+        tiny_reference, tmp_path, zero_stage, checkpointing):
+    """At ZeRO 2 with activation checkpointing too: a recomputed layer repeats its all-to-all
+    exchanges in backward, on both ranks alike (the reference does not checkpoint)."""
     out = tmp_path / f"ep2-zero{zero_stage}"
-    sets = set_args(EP2 + [f"deepspeed.zero_stage={zero_stage}"])
+    sets = set_args(EP2 + [f"deepspeed.zero_stage={zero_stage}", f"train.activation_checkpointing={checkpointing}"])
     proc = mpiexec(2, "-m", "pipeline.cli", "run", "--config", TINY, "--out", out, *sets, timeout=300)
     assert proc.stdout.count("done: adapters in") == 1
+    clients = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {e["checkpointing"] for e in clients if e["event"] == "client"} == {checkpointing == "on"}
     _close(out, tiny_reference)
     # Same clients, losses, per-expert loads (local routing counts, summed over the group),
     # evaluations (expert-parallel on group 0) and files (merged model included).

@@ -202,3 +202,46 @@ def test_zero3_client_matches_zero0(tmp_path, persistence):
     set_base_delta(z3, {})
     with torch.no_grad():
         assert (z3(**probe).logits - logits[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("zero_stage, method", [(0, None), (3, None), (0, "ubsmoe")])
+def test_activation_checkpointing_recomputes_each_layer_and_changes_no_bit(zero_stage, method):
+    """Checkpointing buys memory with a second forward per layer in backward: the layers must
+    run twice as often, and what the client returns (adapters, routed-token counts, losses)
+    must be the same bits. UB-SMoE observes every expert projection's backward and must not
+    see the recomputation; ZeRO-3 gathers parameters again for it."""
+    from pipeline.algorithms import ModelInfo, build_strategy
+    from pipeline.config import Tier
+    from pipeline.model.routing import enable_routing_modulation, set_record_routing
+
+    results, calls = {}, {}
+    for on in (False, True):
+        model = _model()
+        kwargs, setting = {}, ModelSetting(2, 4)
+        if method:
+            tier = Tier(0, "low", 0.25, 1, 4, 1.0)
+            enable_routing_modulation(model, 6)
+            set_record_routing(model, True)
+        start = _adapters(model, 3)
+        if method:
+            strategy = build_strategy(method, {}, ModelInfo(2, 8, 4, 4, 8.0), [tier])
+            strategy.init_state(start)
+            plan = strategy.plan(0, 1, tier)
+        engine = ClientEngine(model, TRAIN, DeepSpeedConfig(zero_stage=zero_stage))
+        if method:
+            strategy.configure_model(engine.model, plan)
+            start, setting = plan.adapters, ModelSetting(plan.top_k, plan.lora_rank)
+            kwargs = dict(extra_loss=lambda m: strategy.extra_loss(m, plan),
+                          after_backward=lambda m: strategy.after_backward(m, plan))
+        count = [0]
+        engine.model.model.layers[1].self_attn.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        results[on] = engine.train(start, setting, _batches(3), checkpointing=on, **kwargs)
+        calls[on] = count[0]
+        assert engine.model.is_activation_checkpointing == on
+    assert calls == {False: TRAIN.local_steps, True: 2 * TRAIN.local_steps}
+    off, on = results[False], results[True]
+    assert off.adapters.keys() == on.adapters.keys()
+    for k in off.adapters:
+        assert torch.equal(off.adapters[k], on.adapters[k]), k
+    assert torch.equal(off.expert_token_counts, on.expert_token_counts)
+    assert off.losses == on.losses

@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import DEFAULT_CONFIG, apply_override, config_from_dict, load_config, resolve_tiers
@@ -33,6 +36,7 @@ def test_overrides_types_and_list_items():
     (["federation.clients_per_round=99"], "federation.clients_per_round"),
     (["logging.progress=3"], "logging.progress"),
     (["train.precision=fp8"], "train.precision"),
+    (["train.activation_checkpointing=sometimes"], "train.activation_checkpointing"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["deepspeed.zero_stage=3", "tiers.1.ranks=2", "tiers.1.ep_size=2"], "tiers.1.ep_size"),
     (["model.init_adapter=/no/such/adapter"], "model.init_adapter"),
@@ -109,6 +113,38 @@ def test_memory_plan_counts_each_ranks_share_of_the_experts():
             assert b.optimizer < a.optimizer and b.gradients < a.gradients
         else:  # ZeRO partitions every adapter's states over the group either way
             assert b.optimizer == a.optimizer and b.gradients == a.gradients
+
+
+def test_activation_checkpointing_modes_decide_what_the_plan_counts_and_the_run_does():
+    """A tier that fits its GPU only with checkpointing: `off` refuses it and names the option,
+    `auto` plans it checkpointed (the run does so on a GPU, not on a CPU), `on` always."""
+    from pipeline.errors import UserError
+    from pipeline.federation.placement import Placement
+    from pipeline.federation.topology import plan_layout
+    from pipeline.plan.memory import GIB, HEADROOM, check_fits, model_shape, tier_memory
+
+    shape = model_shape("assets/tiny-olmoe")
+    base = ["model.source=assets/tiny-olmoe", "train.batch_size=64", "train.max_length=256"]
+    top = resolve_tiers(load_config(DEFAULT_CONFIG, base), shape.experts, shape.k_max)[-1]
+    row = tier_memory(shape, load_config(DEFAULT_CONFIG, base), top.index, top.top_k, 1)
+    assert row.total_checkpointed < row.total
+    between = (row.total + row.total_checkpointed) / 2 / HEADROOM / GIB  # GiB: fits only checkpointed
+    model_config = json.loads(Path("assets/tiny-olmoe/config.json").read_text())
+    for mode, checkpointed in (("off", False), ("auto", True), ("on", True)):
+        cfg = load_config(DEFAULT_CONFIG, base + [f"train.activation_checkpointing={mode}",
+                                                  f"tiers.{top.index}.gpu_memory_gb={between}"])
+        row = tier_memory(shape, cfg, top.index, top.top_k, 1)
+        assert (row.checkpointed, row.fits) == (checkpointed, checkpointed)
+        if mode == "off":
+            with pytest.raises(UserError, match="train.activation_checkpointing"):
+                check_fits([row])
+        tiers = resolve_tiers(cfg, shape.experts, shape.k_max)
+        placement = Placement.for_run(cfg, plan_layout(cfg, 1), model_config, tiers, tiers)
+        assert placement.checkpointing(top.index, 0, "cuda", mode) == checkpointed
+        assert placement.checkpointing(top.index, 0, "cpu", mode) == (mode == "on")
+        assert not placement.checkpointing(0, 0, "cuda", mode) or mode == "on"  # the lowest tier fits
+    roomy = load_config(DEFAULT_CONFIG, base + ["train.activation_checkpointing=on"])
+    assert tier_memory(shape, roomy, top.index, top.top_k, 1).checkpointed  # on: even where it fits without
 
 
 def test_deepspeed_json_is_checked_for_a_group_of_several_ranks(tmp_path):
