@@ -5,8 +5,9 @@ order-dependent one it replaced, measured alternately in one process.
     python bench/determinism.py --threads 2 --repeats 5
 
 `deterministic` is the default path (rows gathered with index_select, torch's deterministic
-mode on); `previous` gathers rows with tensor indexing (whose CPU backward accumulates in
-thread order) with the mode off. Both train the same client from the same adapters; the
+mode on, which also fills every new uninitialised tensor with NaN); `no-fill` the same without
+that fill (`torch.utils.deterministic.fill_uninitialized_memory`); `previous` gathers rows with tensor indexing (whose CPU
+backward accumulates in thread order) with the mode off. Both train the same client from the same adapters; the
 script prints the median step time of each and their ratio, and whether each path gave the
 same adapters twice.
 """
@@ -47,13 +48,15 @@ def main() -> None:
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     gather = moe_block.gather_rows
-    paths = {"deterministic": (gather, True), "previous": (lambda x, index: x[index], False)}
+    paths = {"deterministic": (gather, True, True), "no-fill": (gather, True, False),
+             "previous": (lambda x, index: x[index], False, False)}
     times: dict[str, list[float]] = {name: [] for name in paths}
     results: dict[str, list[dict]] = {name: [] for name in paths}
     for _ in range(args.repeats):
-        for name, (gather_fn, mode) in paths.items():
+        for name, (gather_fn, mode, fill) in paths.items():
             moe_block.gather_rows = gather_fn
             torch.use_deterministic_algorithms(mode)
+            torch.utils.deterministic.fill_uninitialized_memory = fill
             steps = []
 
             def on_step(step, loss, _t=[time.perf_counter()]):
