@@ -24,4 +24,5 @@ run() {  # NAME TIMEOUT ARGS...: one check, its log, a line saying how it ended
 run moe-block-peft 150 $py bench/moe_block.py --device cuda --dtype bfloat16 --tokens 65536 \
     --hidden 2048 --intermediate 1024 --experts 64 --top-k 8
 run tier-step-mfu 150 $py bench/tier_step.py --model olmoe-1b-7b --batch 16 --seq 1024 --top-k 8 6 4 2 --steps 6
-run scale-run 300 $py bench/scale_run.py --model olmoe-1b-7b --batch 16 --seq 1024 --steps 3
+# --top-gpu-gb 60: the top-8 tier (about 72 GiB without checkpointing) trains checkpointed under auto
+run scale-run 300 $py bench/scale_run.py --model olmoe-1b-7b --batch 16 --seq 1024 --steps 3 --top-gpu-gb 60

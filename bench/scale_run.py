@@ -10,7 +10,9 @@ checkpoint is down and resumed with `fedmoe resume`, which trains round 2, evalu
 writes the merged model; then `fedmoe export --format merged` once more, timed on its own.
 
 Prints per tier the per-rank peak memory `fedmoe plan` predicts beside the one measured (each
-client's `peak_memory_gib`: CUDA allocated bytes during its training) and the wall time split
+client's `peak_memory_gib`: CUDA allocated bytes during its training), whether the plan and the
+run used activation checkpointing (`--top-gpu-gb` below the top tier's need makes `auto`
+checkpoint that tier, so one run checks both estimates), and the wall time split
 into load, local training, aggregation, evaluation, checkpoint and export (the run's `timing`
 events, world rank 0). Asserts nothing.
 
@@ -78,7 +80,8 @@ def write_config(args, out: Path, cuda: bool) -> Path:
         "seed": 0,
         "model": {"source": str(out / "model"), "dtype": "bfloat16" if cuda else "float32",
                   "lora": {"rank": 8, "alpha": 16, "experts": True, "attention": True}},
-        "tiers": [{"name": "t8", "budget": 1.0, "share": 1.0, "ranks": 1, "gpu_memory_gb": args.gpu_gb},
+        "tiers": [{"name": "t8", "budget": 1.0, "share": 1.0, "ranks": 1,
+                   "gpu_memory_gb": args.top_gpu_gb or args.gpu_gb},
                   {"name": "t2", "budget": 0.25, "share": 1.0, "ranks": 1, "gpu_memory_gb": args.gpu_gb}],
         "federation": {"clients": 2, "clients_per_round": 2, "rounds": 2, "min_clients": 1},
         "algorithm": {"name": "smoe", "options": {}},
@@ -129,6 +132,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="local steps per client")
     ap.add_argument("--ranks", type=int, default=1, help="MPI ranks: 2 puts each tier's client on its own group")
     ap.add_argument("--gpu-gb", type=float, default=141.0, help="the GPU's memory, for the plan's fit check")
+    ap.add_argument("--top-gpu-gb", type=float, default=None,
+                    help="the top-8 tier's GPU memory instead: below its plan without checkpointing, "
+                         "train.activation_checkpointing=auto checkpoints that tier only")
     ap.add_argument("--out", default=None, help="a new directory (default: a temporary one, removed after)")
     args = ap.parse_args()
 
@@ -161,7 +167,8 @@ def main() -> None:
         from pipeline.config import load_config
         from pipeline.plan.memory import GIB, plan_memory
 
-        predicted = {row.tier: row.peak / GIB for row in plan_memory(load_config(str(config)), args.ranks)}
+        rows = plan_memory(load_config(str(config)), args.ranks)
+        predicted = {row.tier: row.peak / GIB for row in rows}
         walls = run_killed_then_resumed(args, config, out / "run", env)
         t = time.perf_counter()
         subprocess.run(command(argparse.Namespace(ranks=1), "export", str(out / "run"), "--format", "merged",
@@ -171,12 +178,19 @@ def main() -> None:
 
         timed = load_summary(out / "run")["time"]  # the report's sums of the run's timing events
         split, peaks = timed["phases"], timed["peak_memory_gib"]
+        events = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+        checkpointed = {}  # tier -> what its clients did (train.activation_checkpointing=auto)
+        for e in events:
+            if e["event"] == "client":
+                checkpointed.setdefault(e["tier"], set()).add(e.get("checkpointing"))
 
         print("\nper-rank peak memory while training a client (GiB)")
-        print(f"{'tier':6} {'plan':>8} {'measured':>9} {'measured / plan':>16}")
-        for tier, plan in predicted.items():
-            got = peaks.get(tier, float("nan"))
-            print(f"{tier:6} {plan:8.2f} {got:9.2f} {got / plan:16.2f}")
+        print(f"{'tier':6} {'ckpt plan':>9} {'ckpt run':>9} {'plan':>8} {'measured':>9} {'measured / plan':>16}")
+        for row in rows:
+            plan, got = predicted[row.tier], peaks.get(row.tier, float("nan"))
+            ran = "/".join(sorted("on" if c else "off" for c in checkpointed.get(row.tier, ())))
+            print(f"{row.tier:6} {'on' if row.checkpointed else 'off':>9} {ran:>9} {plan:8.2f} {got:9.2f} "
+                  f"{got / plan:16.2f}")
         if not cuda:
             print("(CPU: the measured value is the process's peak RSS, interpreter and libraries included)")
         print("\nwall time, world rank 0 (timing events of both processes)")
