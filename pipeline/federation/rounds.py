@@ -39,6 +39,11 @@ def train_client(fed: Federation, client: int, round_: int, progress: ProgressDi
     cfg, strategy = fed.cfg, fed.strategy
     seed = derive_seed(cfg.seed, LOCAL_DATA, round_, client)
     plan = strategy.plan(client, round_, fed.client_tiers[client])
+    device = fed.engine.device
+    group = fed.topology.group.index if fed.topology is not None else 0
+    checkpointing = fed.placement is not None and fed.placement.checkpointing(
+        plan.tier.index, group, device.type, cfg.train.activation_checkpointing)
+    fed.engine.set_checkpointing(checkpointing)  # a method's calibration pass below runs under it too
     plan = strategy.prepare_client(plan, ClientOps(fed, client, round_))
     indices = fed.data.client_indices[client]
     batches = (fed.data.train_batch(b) for b in
@@ -46,10 +51,6 @@ def train_client(fed: Federation, client: int, round_: int, progress: ProgressDi
     strategy.configure_model(fed.engine.model, plan)
     on_step, done = (progress.client(f"client {client} ({plan.tier.name}, k={plan.top_k})",
                                      cfg.train.local_steps) if progress is not None else (None, None))
-    device = fed.engine.device
-    group = fed.topology.group.index if fed.topology is not None else 0
-    checkpointing = fed.placement is not None and fed.placement.checkpointing(
-        plan.tier.index, group, device.type, cfg.train.activation_checkpointing)
     timing.reset_peak_memory(device)
     result = fed.engine.train(
         plan.adapters, strategy.setting(plan.top_k, plan.lora_rank), batches,

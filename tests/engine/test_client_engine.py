@@ -245,3 +245,18 @@ def test_activation_checkpointing_recomputes_each_layer_and_changes_no_bit(zero_
         assert torch.equal(off.adapters[k], on.adapters[k]), k
     assert torch.equal(off.expert_token_counts, on.expert_token_counts)
     assert off.losses == on.losses
+
+
+def test_calibration_gradients_are_the_same_bits_under_activation_checkpointing():
+    """FedSmoothLoRA's calibration pass hooks every projection's forward, which a checkpointed
+    layer runs twice: only the first pass's hooks may count."""
+    from pipeline.engine.calibration import weight_gradients
+
+    grads = {}
+    for on in (False, True):
+        engine = ClientEngine(_model(), TRAIN, DeepSpeedConfig(zero_stage=0))
+        engine.set_checkpointing(on)
+        grads[on] = weight_gradients(engine, ModelSetting(4, 4), _batches(5, 2))
+    assert grads[True].keys() == grads[False].keys() and any("mlp" in k for k in grads[True])
+    for k in grads[False]:
+        assert torch.equal(grads[True][k], grads[False][k]), k
