@@ -246,15 +246,24 @@ class ClientEngine:
         torch's non-reentrant mode: the gradients are the same bits, and a recomputed layer's
         routing repeats the first pass, which the MoE block does not count twice (moe_block)."""
         model = self.model
-        if on == model.is_activation_checkpointing:
+        # transformers renamed gradient_* to activation_checkpointing_* (the old names warn);
+        # earlier 5.x releases have only the old ones.
+        new = hasattr(type(model), "activation_checkpointing_enable")
+        if on == (model.is_activation_checkpointing if new else model.is_gradient_checkpointing):
             return
         if on:
-            model.activation_checkpointing_enable({"use_reentrant": False})
+            kwargs = {"use_reentrant": False}
+            if new:
+                model.activation_checkpointing_enable(kwargs)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             # transformers also hooks the embeddings' output to require grad, which only the
             # reentrant mode needs; it would add a backward through the first layer's inputs.
             model.disable_input_require_grads()
-        else:
+        elif new:
             model.activation_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_disable()
 
     def train(self, adapters: dict[str, Tensor], setting: ModelSetting,
               batches: Iterable[dict[str, Tensor]],
