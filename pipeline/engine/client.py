@@ -27,7 +27,7 @@ from pipeline.engine import expert_parallel as ep
 from pipeline.engine import zero3
 from pipeline.engine.parallel_dims import ParallelDims
 from pipeline.model import (ModelSetting, adapter_parameters, apply_setting, expert_token_counts,
-                            is_expert_adapter, reset_expert_token_counts)
+                            is_expert_adapter, reset_expert_token_counts, set_activation_checkpointing)
 
 
 def free_port() -> int:
@@ -242,28 +242,8 @@ class ClientEngine:
         apply_setting(self.model, setting)
 
     def set_checkpointing(self, on: bool) -> None:
-        """Activation checkpointing per decoder layer, through transformers' own switch, in
-        torch's non-reentrant mode: the gradients are the same bits, and a recomputed layer's
-        routing repeats the first pass, which the MoE block does not count twice (moe_block)."""
-        model = self.model
-        # transformers renamed gradient_* to activation_checkpointing_* (the old names warn);
-        # earlier 5.x releases have only the old ones.
-        new = hasattr(type(model), "activation_checkpointing_enable")
-        if on == (model.is_activation_checkpointing if new else model.is_gradient_checkpointing):
-            return
-        if on:
-            kwargs = {"use_reentrant": False}
-            if new:
-                model.activation_checkpointing_enable(kwargs)
-            else:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-            # transformers also hooks the embeddings' output to require grad, which only the
-            # reentrant mode needs; it would add a backward through the first layer's inputs.
-            model.disable_input_require_grads()
-        elif new:
-            model.activation_checkpointing_disable()
-        else:
-            model.gradient_checkpointing_disable()
+        """Activation checkpointing per decoder layer from now on (model.setting)."""
+        set_activation_checkpointing(self.model, on)
 
     def train(self, adapters: dict[str, Tensor], setting: ModelSetting,
               batches: Iterable[dict[str, Tensor]],

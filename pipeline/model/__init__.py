@@ -9,7 +9,7 @@ from pipeline.model.export import merge_adapters, save_merged
 from pipeline.model.flops import flops_per_token
 from pipeline.model.lora import LoRALinear
 from pipeline.model.moe_block import HeteroMoEBlock, Routing
-from pipeline.model.setting import ModelSetting, apply_setting
+from pipeline.model.setting import ModelSetting, apply_setting, set_activation_checkpointing
 
 __all__ = [
     "load_model", "build_model", "patch_olmoe", "set_top_k", "set_lora_rank", "set_lora_scale",
@@ -17,4 +17,5 @@ __all__ = [
     "is_adapter_name", "is_expert_adapter", "expert_token_counts", "reset_expert_token_counts",
     "merge_adapters", "save_merged", "HeteroMoEBlock", "LoRALinear",
     "Routing", "flops_per_token", "lora_base_weights", "set_base_delta", "ModelSetting", "apply_setting",
+    "set_activation_checkpointing",
 ]

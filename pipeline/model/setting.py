@@ -2,6 +2,8 @@
 
 Experts per token, the active LoRA rank and its scale, and the routing options a method sets
 (a selection bias). `ClientEngine.use` applies it for training, evaluation and export alike.
+Activation checkpointing, which changes memory and time but no result, is switched apart
+(`set_activation_checkpointing`).
 """
 from __future__ import annotations
 
@@ -26,3 +28,27 @@ def apply_setting(model: nn.Module, setting: ModelSetting) -> None:
     set_lora_rank(model, setting.lora_rank)
     set_lora_scale(model, setting.lora_scale)
     set_selection_bias(model, setting.selection_bias)
+
+
+def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation checkpointing per decoder layer, through transformers' own switch, in torch's
+    non-reentrant mode: the gradients are the same bits, and a recomputed layer's routing repeats
+    the first pass, which the MoE block does not count twice (moe_block._in_backward)."""
+    # transformers renamed gradient_* to activation_checkpointing_* (the old names warn);
+    # earlier 5.x releases have only the old ones.
+    new = hasattr(type(model), "activation_checkpointing_enable")
+    if on == (model.is_activation_checkpointing if new else model.is_gradient_checkpointing):
+        return
+    if on:
+        kwargs = {"use_reentrant": False}
+        if new:
+            model.activation_checkpointing_enable(kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # transformers also hooks the embeddings' output to require grad, which only the
+        # reentrant mode needs; it would add a backward through the first layer's inputs.
+        model.disable_input_require_grads()
+    elif new:
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
