@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The GPU measurements the CPU machine cannot make, in one call (about 8 minutes on one H200):
+#   0. the CUDA tests (the block's grouped_mm paths, activation checkpointing's memory)
 #   1. the MoE block like for like (ours vs Hugging Face + peft's expert LoRA) at OLMoE dims
 #   2. the local step per tier at OLMoE-1B-7B shapes, with tokens/s and MFU
 #   3. a whole killed-and-resumed run at OLMoE-1B-7B shapes: plan vs measured memory, time split
@@ -31,6 +32,7 @@ run() {  # NAME TIMEOUT ARGS...: one check, its log, a line saying how it ended
     echo "# exit $rc" >> "$log"
     echo "$name: exit $rc, $log"
 }
+run cuda-tests 120 "$py" -m pytest -q -p no:cacheprovider tests/model/test_cuda.py
 run moe-block-peft 150 "$py" bench/moe_block.py --device cuda --dtype bfloat16 --tokens 65536 \
     --hidden 2048 --intermediate 1024 --experts 64 --top-k 8
 run tier-step-mfu 150 "$py" bench/tier_step.py --model olmoe-1b-7b --batch 16 --seq 1024 --top-k 8 6 4 2 --steps 6
