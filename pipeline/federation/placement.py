@@ -273,8 +273,9 @@ class Placement:
     def checkpointing(self, tier: int, group: int, device_type: str, mode: str) -> bool:
         """Whether a client of `tier` trains on `group` with activation checkpointing: always
         under `on`; under `auto` where its memory plan does not fit without it, on a GPU only
-        (the plan models GPU memory; a CPU run keeps its speed)."""
-        return mode == "on" or (mode == "auto" and device_type == "cuda" and self.checkpointed[tier][group])
+        (the plan models GPU memory; a CPU run keeps its speed). The plan's rows already say
+        `on` or `auto`-and-too-big; only the device is decided here."""
+        return self.checkpointed[tier][group] and (mode == "on" or device_type == "cuda")
 
     def allowed(self, tier: int) -> list[int]:
         """Groups a client of `tier` may train on: those its memory plan fits; if none does, its
