@@ -54,7 +54,10 @@ def init_distributed(rank: int = 0, world_size: int = 1, local_rank: int = 0,
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
 
 
-def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: int) -> dict:
+def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: int,
+                     bucket_elements: int | None = None) -> dict:
+    """The engine's config; `bucket_elements` (all adapter elements of the whole model) sizes
+    ZeRO's gradient buckets where `deepspeed.config` does not."""
     # A client's batch is split over the group's ranks (data_parallel.py); these numbers are
     # DeepSpeed's bookkeeping only, since we feed the batches ourselves.
     micro = -(-train.batch_size // world_size)
@@ -72,6 +75,14 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: int) -
     if ds.config:
         with open(ds.config) as fh:
             config.update(json.load(fh))
+    zero = config.get("zero_optimization")
+    if bucket_elements and isinstance(zero, dict):
+        # DeepSpeed's default buckets (5e8 elements) are sized for full fine-tuning: ZeRO 1/2
+        # allocate one every step (2 GB at fp32; on CPU deterministic mode NaN-fills it, most
+        # of a 4-rank tiny run's time) and ZeRO 3 one per engine. A bucket holding every
+        # adapter gradient reduces exactly as the default one does: all in one bucket.
+        zero.setdefault("reduce_bucket_size", bucket_elements)
+        zero.setdefault("allgather_bucket_size", bucket_elements)
     return config
 
 
@@ -139,7 +150,9 @@ class ClientEngine:
         self.train_cfg = train
         self.sharded_io = False
         self.expert_parallel: ep.ExpertParallel | None = None
-        config = deepspeed_config(train, ds, dims.ranks)
+        # The whole model's count, before expert parallelism shards it: the same on every rank.
+        elements = sum(p.numel() for p in adapter_parameters(model).values())
+        config = deepspeed_config(train, ds, dims.ranks, bucket_elements=elements)
         if dims.ep_enabled:
             self.expert_parallel = ep.setup(model, dims)
             self.grad_clip = config["gradient_clipping"]

@@ -78,6 +78,9 @@ def test_deepspeed_client_matches_plain_pytorch_loop(zero_stage, tol):
     model = _model()
     pristine = copy.deepcopy(model)
     engine = ClientEngine(model, TRAIN, DeepSpeedConfig(zero_stage=zero_stage))
+    if zero_stage:  # ZeRO's gradient bucket holds the adapters, not DeepSpeed's 5e8 elements
+        elements = sum(p.numel() for p in adapter_parameters(pristine).values())
+        assert engine.optimizer.reduce_bucket_size == elements
     # Two virtual clients on one engine: the second must not inherit the first's optimizer state.
     for client, top_k in ((1, 4), (2, 2)):
         start, batches = _adapters(pristine, client), _batches(client)

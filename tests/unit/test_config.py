@@ -163,3 +163,17 @@ def test_deepspeed_json_is_checked_for_a_group_of_several_ranks(tmp_path):
     path.write_text(json.dumps({"train_batch_size": 7}))
     with pytest.raises(ConfigError, match="train_batch_size 7"):
         check_deepspeed_config(TrainConfig(batch_size=8), DeepSpeedConfig(config=str(path)), 2)
+
+
+def test_zero_buckets_are_sized_to_the_adapters_unless_the_json_sets_them(tmp_path):
+    import json
+
+    from pipeline.config import DeepSpeedConfig, TrainConfig
+    from pipeline.engine.client import deepspeed_config
+
+    zero = deepspeed_config(TrainConfig(), DeepSpeedConfig(zero_stage=2), 1, bucket_elements=1234)["zero_optimization"]
+    assert zero == {"stage": 2, "reduce_bucket_size": 1234, "allgather_bucket_size": 1234}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 99}}))
+    zero = deepspeed_config(TrainConfig(), DeepSpeedConfig(config=str(path)), 1, bucket_elements=1234)["zero_optimization"]
+    assert zero == {"stage": 1, "reduce_bucket_size": 99, "allgather_bucket_size": 1234}
