@@ -82,7 +82,12 @@ class Teardown(Callback):
     def on_end(self, fed, status: str, round_: int) -> None:
         fed.metrics.close()
         if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            from deepspeed.comm import comm as ds_comm
+
+            if ds_comm.cdb is not None:  # also drops DeepSpeed's cached groups: a later run
+                ds_comm.destroy_process_group()  # in this process (a notebook) starts afresh
+            else:
+                torch.distributed.destroy_process_group()
 
 
 class Report(Callback):

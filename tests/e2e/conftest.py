@@ -35,10 +35,10 @@ def fails_one_line(capsys, argv, needle):
 def cli(capfd):
     """`cli(*args, threads=1, check=True)`: the CLI's `main` in this process, at `threads` threads as
     `fedmoe` runs it: (exit code, stdout, stderr), both captured at the file descriptors. For
-    commands that do not train (eval, bad input): a second interpreter spends ~10 s of a core
-    importing torch, transformers and DeepSpeed. Not for `run`/`resume` that train: a second
-    DeepSpeed engine set-up in one process fails (its process group is gone), so those keep
-    their own process. Threads and stop-signal handlers are put back afterwards."""
+    commands that do not train (eval, bad input), and for runs a test only reads: a second
+    interpreter spends ~10 s of a core importing torch, transformers and DeepSpeed. Kill and
+    signal tests keep their own process. Threads and stop-signal handlers are put back
+    afterwards."""
     import torch
 
     from pipeline.cli import main

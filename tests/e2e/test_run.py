@@ -102,6 +102,16 @@ def _kill_when(proc, run, reached_round=None, after_seconds=None, timeout=240):
     proc.wait()
 
 
+def test_two_runs_in_one_process_end_as_a_fresh_process_does(finished_run, tmp_path, cli):
+    """A notebook's second run: the first run's end drops its torch.distributed world and
+    DeepSpeed's cached groups, so the second builds its engine afresh (it failed before); both
+    end with the bits of the run made in a fresh process at the same thread count."""
+    want = (finished_run / "final" / "adapter.safetensors").read_bytes()
+    for name in ("first", "second"):
+        cli("run", "--config", TINY, "--out", tmp_path / name)
+        assert (tmp_path / name / "final" / "adapter.safetensors").read_bytes() == want, name
+
+
 def test_sigkill_and_resume_at_two_threads_is_bitwise_identical(two_thread_run, tmp_path):
     """Same seed, same bits at the default thread count of a 2-core machine: a second run,
     killed at several moments and resumed, ends where the uninterrupted one does."""
