@@ -1,4 +1,5 @@
 """Fixtures shared across test folders."""
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -42,6 +43,39 @@ def relative_difference(got: dict, want: dict) -> float:
     return float(diff / torch.sqrt(sum((want[k] ** 2).sum() for k in want)))
 
 
+@contextlib.contextmanager
+def as_fedmoe_process(threads: int):
+    """This process at `threads` threads, as a `fedmoe` process runs; threads and stop-signal
+    handlers (a run installs its own) are put back afterwards."""
+    import signal
+
+    import torch
+
+    from pipeline.federation import signals
+
+    saved = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+
+
+def run_here(*args, threads: int = 1) -> None:
+    """`fedmoe ARGS` in this process, with the bits a fresh `fedmoe` process at `threads`
+    threads gives (tests/e2e/test_run.py: test_two_runs_in_one_process_...) and without its
+    ~10 s of imports. For runs that complete; kill and signal tests need their own process."""
+    from pipeline.cli import main
+
+    with as_fedmoe_process(threads):
+        code = main([str(a) for a in args])
+    if code != 0:
+        raise AssertionError(f"fedmoe {' '.join(map(str, args))} exited {code}")
+
+
 def shared_run(tmp_path_factory, name: str, make) -> Path:
     """`make(out)` once for the whole test session, also when pytest-xdist splits it over worker
     processes: the first worker that needs run `name` makes it under a file lock, the others wait
@@ -66,19 +100,19 @@ def shared_run(tmp_path_factory, name: str, make) -> Path:
 @pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory):
     """One uninterrupted single-process run of the tiny config."""
-    from tests.e2e.conftest import TINY, fedmoe
+    from tests.e2e.conftest import TINY
 
-    return shared_run(tmp_path_factory, "tiny-reference", lambda out: fedmoe("run", "--config", TINY, "--out", out))
+    return shared_run(tmp_path_factory, "tiny-reference", lambda out: run_here("run", "--config", TINY, "--out", out))
 
 
 @pytest.fixture(scope="session")
 def fsl_reference(tmp_path_factory):
     """One uninterrupted single-process fedsmoothlora run of the tiny config, 2 rounds (round 2
     round-matches client 0 of round 1), every checkpoint kept."""
-    from tests.e2e.conftest import TINY, fedmoe
+    from tests.e2e.conftest import TINY
 
     return shared_run(tmp_path_factory, "fsl-reference",
-                      lambda out: fedmoe("run", "--config", TINY, "--out", out, *set_args(FSL_REFERENCE)))
+                      lambda out: run_here("run", "--config", TINY, "--out", out, *set_args(FSL_REFERENCE)))
 
 
 @pytest.fixture(scope="session")
@@ -98,9 +132,9 @@ def mpi_groups_of_two(tmp_path_factory):
 def single_algorithm_run(tmp_path_factory):
     """`single_algorithm_run(name)`: the single-process run of the tiny config under algorithm
     `name`, made once for the session (the distributed tests compare against it)."""
-    from tests.distributed.conftest import TINY, fedmoe
+    from tests.distributed.conftest import TINY
 
     def run(algorithm):
-        return shared_run(tmp_path_factory, f"single-{algorithm}", lambda out: fedmoe(
+        return shared_run(tmp_path_factory, f"single-{algorithm}", lambda out: run_here(
             "run", "--config", TINY, "--out", out, *set_args([f"algorithm.name={algorithm}"])))
     return run

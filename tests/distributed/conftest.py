@@ -31,12 +31,3 @@ def mpiexec(n: int, *args, check=True, timeout=240) -> subprocess.CompletedProce
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-2000:]}\n"
                              f"{proc.stderr[-4000:]}")
     return proc
-
-
-def fedmoe(*args) -> subprocess.CompletedProcess:
-    """The CLI in one plain process (no MPI launcher): the single-process reference."""
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *map(str, args)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=240)
-    if proc.returncode != 0:
-        raise AssertionError(f"fedmoe {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stderr[-3000:]}")
-    return proc

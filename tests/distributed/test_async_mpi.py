@@ -5,7 +5,9 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from .conftest import TINY, fedmoe, mpiexec
+from tests.conftest import run_here
+
+from .conftest import TINY, mpiexec
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +19,7 @@ ALIGNFED = ["--set", "federation.mode=async", "--set", "algorithm.name=alignfed"
 
 def test_async_alignfed_over_three_ranks_equals_one_process(tmp_path):
     one, three = tmp_path / "one", tmp_path / "three"
-    fedmoe("run", "--config", TINY, *ALIGNFED, "--out", one)
+    run_here("run", "--config", TINY, *ALIGNFED, "--out", one)
     mpiexec(3, "-m", "pipeline.cli", "run", "--config", TINY, *ALIGNFED, "--out", three)
     a, b = load_file(one / "final" / "adapter.safetensors"), load_file(three / "final" / "adapter.safetensors")
     assert a.keys() == b.keys()

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import checkpoint
-from tests.conftest import relative_difference, set_args
+from tests.conftest import relative_difference, run_here, set_args
 
-from .conftest import SCRIPTS, TINY, fedmoe, mpiexec
+from .conftest import SCRIPTS, TINY, mpiexec
 from .test_equivalence import _same_record
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_mixed_groups_aggregate_by_expert_shard_and_resume_in_one_process(tiny_r
     for stale in ("final", "checkpoints/round-000003"):
         (out / stale).rename(tmp_path / stale.replace("/", "-"))
     (out / "checkpoints" / "latest").write_text("round-000002\n")
-    fedmoe("resume", out)
+    run_here("resume", out)
     _close(out, tiny_reference)
 
 
@@ -93,7 +93,7 @@ def test_expert_wise_ubsmoe_aggregates_by_shard_as_in_one_process(tmp_path):
     method = ["algorithm.name=ubsmoe", "algorithm.options.aggregation=expert-wise",
               "algorithm.options.pg=false"]
     reference = tmp_path / "one"
-    fedmoe("run", "--config", TINY, "--out", reference, *set_args(method))
+    run_here("run", "--config", TINY, "--out", reference, *set_args(method))
     out = tmp_path / "ep2"
     mpiexec(2, "-m", "pipeline.cli", "run", "--config", TINY, "--out", out, *set_args(method + EP2), timeout=300)
     # Measured 1.05e-5 once pads left the counts, 5.2e-6 without one entry of one expert whose

@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 from pipeline import checkpoint
 from pipeline.algorithms import lora_math as lm
 from pipeline.algorithms.client_store import CHECKPOINT_DIR, ClientStore, RunStorage
-from tests.conftest import FSL_REFERENCE, set_args, shared_run
+from tests.conftest import FSL_REFERENCE, run_here, set_args, shared_run
 
-from .conftest import TINY, fedmoe, mpiexec
+from .conftest import TINY, mpiexec
 from .test_ep_methods_mpi import DP2
 from .test_equivalence import _same_record
 from .test_expert_parallel_mpi import EP2
@@ -61,7 +61,7 @@ def test_two_groups_of_one_rank_are_bitwise_the_single_process_run(fsl_reference
 
 @pytest.fixture(scope="module")
 def frlora_reference(tmp_path_factory):
-    return shared_run(tmp_path_factory, "frlora-single", lambda out: fedmoe(
+    return shared_run(tmp_path_factory, "frlora-single", lambda out: run_here(
         "run", "--config", TINY, "--out", out, *set_args(["algorithm.name=frlora", "federation.rounds=1"])))
 
 

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.federation.placement import utilisation
-from tests.conftest import relative_difference, set_args, shared_run
+from tests.conftest import relative_difference, run_here, set_args, shared_run
 
-from .conftest import ENV, REPO, TINY, _mpiexec, fedmoe, mpiexec
+from .conftest import ENV, REPO, TINY, _mpiexec, mpiexec
 
 pytestmark = pytest.mark.slow
 
@@ -84,13 +84,13 @@ def test_balanced_placement_ends_where_tier_placement_ends_on_uneven_groups(base
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    return shared_run(tmp_path_factory, "placement-base", lambda out: fedmoe(
+    return shared_run(tmp_path_factory, "placement-base", lambda out: run_here(
         "run", "--config", TINY, "--out", out, *set_args(BASE)))
 
 
 @pytest.fixture(scope="module")
 def single_process(tmp_path_factory):
-    return shared_run(tmp_path_factory, "placement-one", lambda out: fedmoe(
+    return shared_run(tmp_path_factory, "placement-one", lambda out: run_here(
         "run", "--config", TINY, "--out", out, *set_args(BASE + EVERY)))
 
 

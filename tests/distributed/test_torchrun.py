@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 from pipeline.engine.client import free_port
 from pipeline.errors import UserError
 
-from tests.conftest import GROUPS_OF_TWO, relative_difference, set_args
+from tests.conftest import GROUPS_OF_TWO, relative_difference, run_here, set_args
 
-from .conftest import ENV, REPO, SCRIPTS, TINY, fedmoe
+from .conftest import ENV, REPO, SCRIPTS, TINY
 
 BIN = Path(sys.executable).parent
 
@@ -103,7 +103,7 @@ def test_a_run_of_four_mpi_ranks_resumes_in_one_process(mpi4, tmp_path):
     shutil.rmtree(run / "final")
     shutil.rmtree(run / "checkpoints" / "round-000003")
     (run / "checkpoints" / "latest").write_text("round-000002\n")
-    fedmoe("resume", run)
+    run_here("resume", run)
     got = load_file(run / "final" / "adapter.safetensors")
     want = load_file(mpi4 / "final" / "adapter.safetensors")
     assert relative_difference(got, want) <= 1e-5

@@ -9,9 +9,9 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import relative_difference, set_args
+from tests.conftest import relative_difference, run_here, set_args
 
-from .conftest import SCRIPTS, TINY, fedmoe, mpiexec
+from .conftest import SCRIPTS, TINY, mpiexec
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def _same_results(run, reference):
 
 def test_single_process_zero3_run_matches_zero0(tiny_reference, zero3, tmp_path):
     out = tmp_path / "run"
-    fedmoe("run", "--config", TINY, "--out", out, *set_args(zero3))
+    run_here("run", "--config", TINY, "--out", out, *set_args(zero3))
     _same_results(out, tiny_reference)
 
 
@@ -58,7 +58,7 @@ def test_two_groups_of_two_ranks_under_zero3_match_the_single_process_run(tiny_r
 def test_merging_method_under_zero3_matches_zero0(single_algorithm_run, zero3, tmp_path):
     """FedEx-LoRA writes its residual into the frozen base weights, which ZeRO-3 partitions."""
     runs = {0: single_algorithm_run("fedex-lora"), 3: tmp_path / "zero3"}  # ZeRO 0: the session's run
-    fedmoe("run", "--config", TINY, "--out", runs[3], *set_args(["algorithm.name=fedex-lora", *zero3]))
+    run_here("run", "--config", TINY, "--out", runs[3], *set_args(["algorithm.name=fedex-lora", *zero3]))
     _same_results(runs[3], runs[0])
     assert relative_difference(_final(runs[3], "base_delta"), _final(runs[0], "base_delta")) <= 1e-5
 

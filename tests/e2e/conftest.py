@@ -1,5 +1,4 @@
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,29 +36,20 @@ def cli(capfd):
     `fedmoe` runs it: (exit code, stdout, stderr), both captured at the file descriptors. For
     commands that do not train (eval, bad input), and for runs a test only reads: a second
     interpreter spends ~10 s of a core importing torch, transformers and DeepSpeed. Kill and
-    signal tests keep their own process. Threads and stop-signal handlers are put back
-    afterwards."""
-    import torch
-
+    signal tests keep their own process."""
     from pipeline.cli import main
-    from pipeline.federation import signals
-
-    saved = {s: signal.getsignal(s) for s in signals.STOP_SIGNALS}
-    before = torch.get_num_threads()
+    from tests.conftest import as_fedmoe_process
 
     def call(*args, threads=1, check=True):
-        torch.set_num_threads(threads)
         capfd.readouterr()
-        code = main([str(a) for a in args])
+        with as_fedmoe_process(threads):
+            code = main([str(a) for a in args])
         out, err = capfd.readouterr()
         if check and code != 0:
             raise AssertionError(f"fedmoe {' '.join(map(str, args))} exited {code}\n{err[-3000:]}")
         return code, out, err
 
-    yield call
-    torch.set_num_threads(before)
-    for s, handler in saved.items():
-        signal.signal(s, handler)
+    return call
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +61,7 @@ def finished_run(tiny_reference) -> Path:
 @pytest.fixture(scope="session")
 def two_thread_run(tmp_path_factory) -> Path:
     """The tiny run at two threads, where order-dependent float kernels would show."""
-    from tests.conftest import shared_run
+    from tests.conftest import run_here, shared_run
 
-    return shared_run(tmp_path_factory, "two-threads", lambda out: fedmoe("run", "--config", TINY, "--out", out,
-                                                                          threads=2))
+    return shared_run(tmp_path_factory, "two-threads", lambda out: run_here("run", "--config", TINY, "--out", out,
+                                                                            threads=2))

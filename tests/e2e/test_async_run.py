@@ -10,9 +10,9 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import shared_run
+from tests.conftest import run_here, shared_run
 
-from .conftest import REPO, TINY, fails_one_line as _fails, fedmoe
+from .conftest import REPO, TINY, fails_one_line as _fails
 
 ASYNC = ["--set", "federation.mode=async", "--set", "logging.progress=false"]
 FEDBUFF = [*ASYNC, "--set", "algorithm.name=fedbuff", "--set", "algorithm.options.buffer_size=2",
@@ -44,7 +44,7 @@ def test_async_method_in_a_sync_run(capsys, tmp_path):
 @pytest.fixture(scope="module")
 def fedbuff_reference(tmp_path_factory):
     return shared_run(tmp_path_factory, "async-reference",
-                      lambda out: fedmoe("run", "--config", TINY, *FEDBUFF, "--out", out))
+                      lambda out: run_here("run", "--config", TINY, *FEDBUFF, "--out", out))
 
 
 def _adapters(run):
@@ -80,7 +80,7 @@ def test_killed_at_a_random_moment_resumes_bitwise(fedbuff_reference, tmp_path):
     time.sleep(random.Random().uniform(0.0, 3.0))  # a random moment after the round-0 checkpoint
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    fedmoe("resume", out)
+    run_here("resume", out)
     want, got = _adapters(fedbuff_reference), _adapters(out)
     assert want.keys() == got.keys() and all((want[k] == got[k]).all() for k in want)
 
@@ -148,8 +148,8 @@ def test_wall_clock_run_replays_on_the_virtual_clock(tmp_path):
     import json
 
     wall, replay = tmp_path / "wall", tmp_path / "replay"
-    fedmoe("run", "--config", TINY, *WALL, "--set", "federation.clock=wall", "--out", wall)
-    fedmoe("run", "--config", TINY, *WALL, "--set", f"federation.replay={wall}", "--out", replay)
+    run_here("run", "--config", TINY, *WALL, "--set", "federation.clock=wall", "--out", wall)
+    run_here("run", "--config", TINY, *WALL, "--set", f"federation.replay={wall}", "--out", replay)
     a, b = _adapters(wall), _adapters(replay)
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     events = [json.loads(x) for x in (wall / "metrics.jsonl").read_text().splitlines()]

@@ -14,8 +14,6 @@ from pipeline import checkpoint
 from pipeline.cli import main
 from pipeline.federation import commands, signals
 
-from .conftest import fedmoe
-
 pytestmark = pytest.mark.slow
 
 
@@ -38,14 +36,14 @@ def _one_line(capsys):
     return err.strip()
 
 
-def test_resume_falls_back_past_a_damaged_latest_checkpoint_and_ends_bitwise(run, finished_run):
+def test_resume_falls_back_past_a_damaged_latest_checkpoint_and_ends_bitwise(run, finished_run, cli):
     latest = run / "checkpoints" / "round-000003"
     data = (latest / "state.safetensors").read_bytes()
     (latest / "state.safetensors").write_bytes(data[:len(data) // 3])
     shutil.rmtree(run / "final")
-    proc = fedmoe("resume", run)
-    lines = [x for x in proc.stderr.splitlines() if x.startswith("fedmoe")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    _, _, err = cli("resume", run)
+    lines = [x for x in err.splitlines() if x.startswith("fedmoe")]
+    assert len(lines) == 1 and "Traceback" not in err, err
     assert lines[0].startswith(f"fedmoe: warning: {latest} is damaged (state.safetensors: truncated")
     assert lines[0].endswith("; using round-000002")
     resumed = [e for e in _events(run) if e["event"] == "run" and e["status"] == "resumed"]

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.cli import main
-from tests.conftest import set_args
-from tests.e2e.conftest import TINY, fedmoe
+from tests.conftest import run_here, set_args
+from tests.e2e.conftest import TINY
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +168,7 @@ def test_peft_export_loads_in_plain_peft_with_the_runs_accuracy(finished_run, pe
 
 def test_a_run_started_from_the_adapter_begins_where_the_source_ended(finished_run, peft_export, tmp_path):
     out = tmp_path / "from-adapter"
-    fedmoe("run", "--config", TINY, "--out", out,
+    run_here("run", "--config", TINY, "--out", out,
            *set_args([f"model.init_adapter={peft_export}", "federation.rounds=1", "train.local_steps=1",
                       "federation.clients_per_round=1", "checkpoint.save_merged=false"]))
     start, final = _evals_at(out, 0), _final_evals(finished_run)

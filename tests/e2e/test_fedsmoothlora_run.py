@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import FSL_REFERENCE, set_args
+from tests.conftest import FSL_REFERENCE, run_here, set_args
 
-from .conftest import REPO, TINY, fedmoe
+from .conftest import REPO, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +58,7 @@ def test_kill_between_two_clients_and_lost_state_dir_resume_bitwise(fsl_referenc
     assert (run / "checkpoints" / "latest").read_text().strip() == "round-000001"
     assert len(list((run / "client_state").glob("c*-r000002.safetensors"))) == 1  # unindexed, rewritten
     shutil.rmtree(run / "client_state")  # the checkpoint's own links must carry the state
-    fedmoe("resume", run)
+    run_here("resume", run)
     for name in ("final/base_delta.safetensors", "checkpoints/round-000002/state.safetensors"):
         want, got = load_file(fsl_reference / name), load_file(run / name)
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name

@@ -11,7 +11,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from .conftest import REPO, TINY, fedmoe
+from tests.conftest import run_here
+
+from .conftest import REPO, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +125,7 @@ def test_sigkill_and_resume_at_two_threads_is_bitwise_identical(two_thread_run, 
     for _ in range(5):
         if (run / "final" / "adapter.safetensors").exists():
             break
-        fedmoe("resume", run, threads=2)
+        run_here("resume", run, threads=2)
     starts = [json.loads(line) for line in (two_thread_run / "metrics.jsonl").read_text().splitlines()]
     assert [e["threads"] for e in starts if e["event"] == "run" and e["status"] == "started"] == [2]
     want = load_file(two_thread_run / "final" / "adapter.safetensors")
@@ -152,7 +154,7 @@ def test_stop_signal_checkpoints_exits_zero_and_resumes_bitwise(finished_run, tm
     assert not (run / "final").exists()
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert events[-1]["event"] == "run" and events[-1]["status"] == "stopped"
-    fedmoe("resume", run)
+    run_here("resume", run)
     want = load_file(finished_run / "final" / "adapter.safetensors")
     got = load_file(run / "final" / "adapter.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
