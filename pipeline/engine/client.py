@@ -78,9 +78,9 @@ def deepspeed_config(train: TrainConfig, ds: DeepSpeedConfig, world_size: int,
     zero = config.get("zero_optimization")
     if bucket_elements and isinstance(zero, dict):
         # DeepSpeed's default buckets (5e8 elements) are sized for full fine-tuning: ZeRO 1/2
-        # allocate one every step (2 GB at fp32; on CPU deterministic mode NaN-fills it, most
-        # of a 4-rank tiny run's time) and ZeRO 3 one per engine. A bucket holding every
-        # adapter gradient reduces exactly as the default one does: all in one bucket.
+        # allocate one every step (2 GB at fp32, NaN-filled on CPU under deterministic mode)
+        # and ZeRO 3 one per engine (bench/zero_bucket.py). A bucket holding every adapter
+        # gradient reduces exactly as the default one does: all in one bucket.
         zero.setdefault("reduce_bucket_size", bucket_elements)
         zero.setdefault("allgather_bucket_size", bucket_elements)
     return config
